@@ -1,0 +1,1 @@
+"""Orchestration: the Prefect pipeline flow, typed config, CLI and lineage logging."""

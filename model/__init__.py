@@ -1,0 +1,1 @@
+"""The decoder-only transformer, its training loop and generation. Plain PyTorch."""

@@ -1,0 +1,1 @@
+"""Every byte that touches disk: run layout, document tables, token shards, manifests."""

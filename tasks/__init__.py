@@ -1,0 +1,1 @@
+"""Stage logic: plain functions over batches of documents, testable without Prefect."""
