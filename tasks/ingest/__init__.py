@@ -1,0 +1,1 @@
+"""Ingest: raw files and datasets to the documents table, with a quarantine for bad input."""
