@@ -111,10 +111,18 @@ def describe_file(stage_dir: Path, path: Path, rows: int = 0) -> OutputFile:
     )
 
 
-def output_digest(outputs: list[OutputFile], counts: Counts) -> str:
-    """The lineage key of a stage's outputs: content checksums plus counts."""
+def output_digest(outputs: list[OutputFile], counts: Counts, input_digest: str) -> str:
+    """The lineage key of a stage's outputs: content checksums, counts and the input's key.
+
+    Folding the input digest in makes the keys a hash chain: a stage that needs
+    data from two stages back (the shards stage reads the curated documents and
+    the tokenizer) depends on them through its single `input_digest`, and a
+    config change that leaves a stage's output bytes unchanged does not
+    invalidate anything downstream.
+    """
     return stable_hash(
         {
+            "input": input_digest,
             "outputs": sorted((o.path, o.sha256) for o in outputs),
             "counts": counts.model_dump(by_alias=True),
         }
@@ -134,7 +142,7 @@ def build_manifest(
         config=config.model_dump(mode="json"),
         config_hash=config_hash(config),
         input_digest=input_digest,
-        output_digest=output_digest(result.outputs, result.counts),
+        output_digest=output_digest(result.outputs, result.counts, input_digest),
         outputs=result.outputs,
         counts=result.counts,
         metrics=result.metrics,

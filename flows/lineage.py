@@ -1,0 +1,168 @@
+"""MLflow lineage: one parent run per pipeline run, one nested run per stage.
+
+Everything goes through an explicit `MlflowClient` and run ids rather than
+MLflow's thread-local "active run", because stages run inside Prefect task
+threads (or on Dask workers) where that state is not shared.
+
+Each nested run records the stage config as params, counts and throughput as
+metrics, the manifest as an artifact, and its input and output datasets with
+their digests (`mlflow.log_input`'s dataset records), so the experiment
+browser shows which data made which model. Digests in MLflow's dataset table
+are capped at 36 characters; the full 64-hex digests are kept as tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from refinery.storage.manifest import Manifest
+
+DIGEST_LEN = 32
+
+
+def flatten(prefix: str, obj: Any) -> dict[str, str]:
+    """Nested config -> flat `a.b.c` params, values as MLflow-sized strings."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, (list, dict)) else str(obj)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+class Lineage:
+    """Writes the pipeline's lineage into one MLflow experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | str) -> None:
+        self.tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = artifact_root if "://" in str(artifact_root) else Path(artifact_root).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=str(location))
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_run_id: str | None = None
+
+    # -- runs -----------------------------------------------------------------
+    def start_pipeline(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "refinery.kind": "pipeline"})
+        self.parent_run_id = run.info.run_id
+        self._log_params(self.parent_run_id, params)
+        return self.parent_run_id
+
+    def end_pipeline(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    def start_stage(self, stage: str) -> str:
+        tags = {MLFLOW_RUN_NAME: stage, "refinery.stage": stage, "refinery.kind": "stage"}
+        if self.parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+        return run.info.run_id
+
+    def finish_stage(
+        self,
+        run_id: str,
+        manifest: Manifest,
+        input_sources: list[str],
+        output_source: str,
+        skipped: bool,
+        artifacts: list[Path] | None = None,
+        status: str = "FINISHED",
+    ) -> None:
+        """Log a completed (or skipped) stage: params, counts, datasets, manifest."""
+        self._log_params(run_id, flatten("", manifest.config))
+        metrics = {
+            "docs_in": manifest.counts.in_,
+            "docs_kept": manifest.counts.kept,
+            "docs_dropped": manifest.counts.dropped_total,
+            **{f"dropped.{k}": v for k, v in manifest.counts.dropped.items()},
+            **{f"seconds.{k}": v for k, v in manifest.timings.items()},
+            **{k: v for k, v in manifest.metrics.items() if isinstance(v, (int, float))},
+        }
+        self.log_metrics(run_id, metrics, step=0)
+        self.client.log_batch(
+            run_id,
+            tags=[
+                RunTag("refinery.skipped", str(skipped).lower()),
+                RunTag("refinery.input_digest", manifest.input_digest),
+                RunTag("refinery.output_digest", manifest.output_digest),
+                RunTag("refinery.config_hash", manifest.config_hash),
+            ],
+        )
+        self._log_dataset(run_id, f"{manifest.stage}-input", input_sources, manifest.input_digest, "input")
+        self._log_dataset(run_id, f"{manifest.stage}-output", [output_source], manifest.output_digest, "output")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "manifest.json"
+            path.write_text(manifest.model_dump_json(indent=2, by_alias=True))
+            self.client.log_artifact(run_id, str(path))
+        for art in artifacts or []:
+            if Path(art).is_file():
+                self.client.log_artifact(run_id, str(art))
+        self.client.set_terminated(run_id, status=status)
+
+    def fail_stage(self, run_id: str, error: str) -> None:
+        self.client.set_tag(run_id, "refinery.error", error[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
+
+    # -- model ------------------------------------------------------------------
+    def log_and_register_model(
+        self,
+        run_id: str,
+        checkpoint_dir: Path,
+        tokenizer_file: Path,
+        registered_name: str,
+        description: str,
+    ) -> tuple[str, str]:
+        """Log the checkpoint and tokenizer as an MLflow pyfunc model; register a new version.
+
+        Returns (model_uri, version).
+        """
+        from refinery.flows.mlflow_model import log_pyfunc_model
+
+        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+            info = log_pyfunc_model(checkpoint_dir, tokenizer_file)
+        version = mlflow.register_model(info.model_uri, registered_name, tags={"refinery.train_run": run_id})
+        self.client.update_model_version(registered_name, version.version, description=description)
+        return info.model_uri, str(version.version)
+
+    # -- helpers ----------------------------------------------------------------
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k[:250], v) for k, v in sorted(params.items())]
+        existing = self.client.get_run(run_id).data.params
+        items = [p for p in items if p.key not in existing]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i : i + 90])
+
+    def _log_dataset(self, run_id: str, name: str, sources: list[str], digest: str, context: str) -> None:
+        source_uri = sources[0] if len(sources) == 1 else os.path.commonpath(sources) if sources else "unknown"
+        try:
+            source = resolve_dataset_source(source_uri)
+        except Exception:  # noqa: BLE001 - any URI MLflow cannot resolve is still recorded by name
+            source = resolve_dataset_source(Path(".").resolve().as_uri())
+        dataset = MetaDataset(source=source, name=name, digest=digest[:DIGEST_LEN])
+        tags = [InputTag("mlflow.data.context", context), InputTag("refinery.digest", digest)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])

@@ -1,0 +1,81 @@
+"""DuckDB views over a run's Parquet outputs, for questions asked in SQL.
+
+Views (created only where the files exist): `ingest`, `dedup`, `filter` (each
+stage's kept documents), `dropped` (every stage's dropped documents, with the
+stage and reason), `quarantine` (unreadable raw files), `shard_stats` (tokens
+per document), `manifests` (one row per completed stage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+
+from refinery.storage.layout import STAGES, RunLayout
+from refinery.storage.manifest import read_manifest
+
+
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+class Catalog:
+    def __init__(self, root: str | Path) -> None:
+        self.layout = RunLayout.at(root)
+        self.con = duckdb.connect()
+        self.views: list[str] = []
+        self._register()
+
+    def _view(self, name: str, paths: list[Path], union: bool = False) -> None:
+        paths = [p for p in paths if p.is_file()]
+        if not paths:
+            return
+        by_name = ", union_by_name = true" if union else ""
+        self.con.execute(f"create or replace view {name} as select * from read_parquet({_sql_list(paths)}{by_name})")
+        self.views.append(name)
+
+    def _register(self) -> None:
+        for stage in ("ingest", "dedup", "filter"):
+            self._view(stage, sorted(self.layout.stage_dir(stage).glob("part-*.parquet")))
+        dropped = [self.layout.stage_dir(s) / "dropped.parquet" for s in STAGES]
+        self._view("dropped", dropped, union=True)
+        self._view("quarantine", [self.layout.stage_dir("ingest") / "quarantine.parquet"])
+        self._view("shard_stats", [self.layout.stage_dir("shards") / "stats.parquet"])
+        rows = []
+        for stage in STAGES:
+            m = read_manifest(self.layout.stage_dir(stage))
+            if m is not None:
+                rows.append(
+                    {
+                        "stage": stage,
+                        "docs_in": m.counts.in_,
+                        "kept": m.counts.kept,
+                        "dropped": m.counts.dropped_total,
+                        "dropped_by_reason": json.dumps(m.counts.dropped),
+                        "seconds": m.timings.get("total", 0.0),
+                        "input_digest": m.input_digest,
+                        "output_digest": m.output_digest,
+                    }
+                )
+        if rows:
+            import pyarrow as pa
+
+            self._manifests = pa.Table.from_pylist(rows)
+            self.con.register("manifests", self._manifests)
+            self.views.append("manifests")
+
+    def query(self, sql: str) -> duckdb.DuckDBPyRelation:
+        return self.con.sql(sql)
+
+    def overview_sql(self) -> str:
+        if "manifests" in self.views:
+            return "select stage, docs_in, kept, dropped, dropped_by_reason, round(seconds, 1) as seconds from manifests"
+        return f"select '{self.views[0]}' as view, count(*) as rows from {self.views[0]}"
+
+    def format(self, sql: str, limit: int = 20) -> str:
+        rel = self.query(sql)
+        if rel is None:
+            return "ok"
+        return str(rel.limit(limit)) if limit else str(rel)

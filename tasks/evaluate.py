@@ -1,0 +1,106 @@
+"""The eval stage: validation loss, bits per byte, a unigram baseline, and samples.
+
+The unigram baseline (add-one smoothed token frequencies of the training split,
+scored on the validation split) is the floor a model must clearly beat to have
+learnt anything beyond token frequencies; both numbers are reported side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
+
+from refinery.model.checkpoint import load_model
+from refinery.model.evaluate import bits_per_byte, evaluate_loss, unigram_loss
+from refinery.model.generate import generate
+from refinery.storage.atomic import atomic_write_json, atomic_write_text
+from refinery.storage.manifest import Counts, StageResult, describe_file
+from refinery.storage.shards import TokenWindows, map_tokens
+from refinery.tasks.train import shard_paths
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(16, ge=1)
+    max_batches: int | None = Field(64, ge=1, description="cap on validation batches; none evaluates every window")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["def ", "The ", "import ", "class "],
+        description="prompts for sample generations",
+    )
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int | None = Field(50, ge=1)
+    top_p: float | None = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 0
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.array([], np.uint16))
+
+
+def run_eval(
+    checkpoint_dir: Path,
+    tokenizer_file: Path,
+    shards_dir: Path,
+    shards_extra: dict[str, Any],
+    documents: int,
+    stage_dir: Path,
+    cfg: EvalConfig,
+) -> StageResult:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(checkpoint_dir, device="cpu")
+    seq_len = model.config.seq_len
+    val_files = shard_paths(shards_dir, shards_extra, "val")
+    val = TokenWindows(val_files, seq_len=seq_len)
+    val_loss = evaluate_loss(model, val, batch_size=cfg.batch_size, max_batches=cfg.max_batches)
+
+    vocab_size = int(shards_extra["vocab_size"])
+    train_tokens = _concat(map_tokens(shard_paths(shards_dir, shards_extra, "train")))
+    val_tokens = _concat(map_tokens(val_files))
+    baseline = unigram_loss(train_tokens, val_tokens, vocab_size)
+    n_tokens, n_bytes = int(shards_extra["val_tokens"]), int(shards_extra["val_bytes"])
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    eot = int(shards_extra["eot_id"])
+    prompts = [tokenizer.encode(p).ids for p in cfg.prompts]
+    outs = generate(
+        model,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_id=eot,
+        seed=cfg.seed,
+    )
+    samples = [
+        {"prompt": p, "completion": tokenizer.decode(o, skip_special_tokens=True)}
+        for p, o in zip(cfg.prompts, outs, strict=True)
+    ]
+
+    metrics = {
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(min(val_loss, 50.0)),
+        "val_bpb": bits_per_byte(val_loss, n_tokens, n_bytes),
+        "unigram_loss": baseline,
+        "unigram_bpb": bits_per_byte(baseline, n_tokens, n_bytes),
+        "loss_vs_unigram": val_loss / baseline if baseline else float("nan"),
+    }
+    metrics_path = stage_dir / "metrics.json"
+    samples_path = stage_dir / "samples.jsonl"
+    atomic_write_json(metrics_path, metrics)
+    atomic_write_text(samples_path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    outputs = [describe_file(stage_dir, metrics_path), describe_file(stage_dir, samples_path, rows=len(samples))]
+    return StageResult(
+        outputs=outputs,
+        counts=Counts(**{"in": documents, "kept": documents}),
+        metrics=metrics,
+        extra={"samples": samples},
+    )

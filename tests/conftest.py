@@ -1,0 +1,21 @@
+"""Test-wide environment: offline, telemetry off, Prefect's database in a temporary home.
+
+Set before any test module imports Prefect or MLflow, which read these at import.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_home = tempfile.mkdtemp(prefix="refinery-tests-prefect-")
+os.environ.setdefault("PREFECT_HOME", _home)
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
+    os.environ.setdefault(key, value)
