@@ -242,17 +242,69 @@ def _resolve_model(model: str | None, root: Path) -> tuple[Path, Path]:
 
 
 @app.command()
-def ui(root: RootOpt = DEFAULT_ROOT) -> None:
-    """How to open the Prefect UI and the MLflow UI on a run root's stores."""
+def ui(
+    root: RootOpt = DEFAULT_ROOT,
+    print_only: Annotated[bool, typer.Option("--print", help="Only print the commands, start nothing.")] = False,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+) -> None:
+    """Open the Prefect UI and the MLflow UI on a run root's stores (loopback only; Ctrl-C stops both)."""
+    from refinery.flows import ui as ui_mod
     from refinery.storage.layout import RunLayout
 
     layout = RunLayout.at(root)
-    typer.echo("Prefect UI (flow runs, task runs, stage reports):")
-    typer.echo(f"  PREFECT_HOME={layout.prefect_home} PREFECT_SERVER_ANALYTICS_ENABLED=false prefect server start --host 127.0.0.1 --port 4200")
-    typer.echo("  then open http://127.0.0.1:4200/runs")
-    typer.echo("MLflow UI (experiment 'refinery': a parent run per pipeline run, a nested run per stage; Models tab: refinery-lm):")
-    typer.echo(f"  MLFLOW_DISABLE_TELEMETRY=true mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {layout.mlflow_tracking_uri} --default-artifact-root {layout.mlflow_artifacts.as_uri()}")
-    typer.echo("  then open http://127.0.0.1:5000")
+    cmds = ui_mod.commands(layout, prefect_port, mlflow_port)
+    typer.echo(f"Prefect UI  http://127.0.0.1:{prefect_port}/runs   flow runs, one task run per stage, stage reports")
+    typer.echo(f"MLflow UI   http://127.0.0.1:{mlflow_port}   experiment 'refinery' (parent run, nested stage runs); Models tab")
+    if print_only:
+        typer.echo(f"\nPREFECT_HOME={layout.prefect_home} PREFECT_SERVER_ANALYTICS_ENABLED=false {' '.join(cmds['prefect'])}")
+        typer.echo(f"MLFLOW_DISABLE_TELEMETRY=true {' '.join(cmds['mlflow'])}")
+        return
+    procs = ui_mod.start(layout, prefect_port, mlflow_port)
+    typer.echo("Both servers are starting (a few seconds); Ctrl-C stops them.")
+    try:
+        while all(p.poll() is None for p in procs):
+            import time
+
+            time.sleep(1)
+        _fail("a server exited early; run `refinery ui --print` and start the commands by hand to see why")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ui_mod.stop(procs)
+
+
+@app.command()
+def serve(
+    source: Annotated[list[str] | None, typer.Option("--source", "-s", help="What each scheduled run ingests; repeatable.")] = None,
+    root: RootOpt = DEFAULT_ROOT,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 * * * *' for hourly.")] = "0 * * * *",
+    interval: Annotated[float | None, typer.Option(help="Or: seconds between runs (instead of --cron).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config for the runs.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one config value; repeatable.")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+) -> None:
+    """Serve the pipeline as a Prefect deployment on a schedule (runs until Ctrl-C).
+
+    Each run skips unchanged stages, so an hourly run over a growing folder only
+    processes what is new. Start `refinery ui` first to watch the runs; serve uses
+    PREFECT_API_URL, or a Prefect server on 127.0.0.1:4200 if one answers.
+    """
+    configure_environment(root)
+    from refinery.flows import serve as serve_mod
+    from refinery.flows.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not source:
+        _fail("--source is required: the folder or URI each scheduled run ingests")
+    api = serve_mod.choose_api()
+    typer.echo(f"Prefect API: {api or 'a temporary local server (start `refinery ui` first to see the runs)'}")
+    params = {"sources": [str(Path(s).resolve()) if "://" not in s else s for s in source],
+              "root": str(Path(root).resolve()), "config": cfg.model_dump(mode="json")}
+    serve_mod.serve(name, None if interval else cron, interval, params)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,2 @@
+-- Prefect uses the database created by POSTGRES_DB; MLflow gets its own.
+CREATE DATABASE mlflow;

@@ -1,0 +1,56 @@
+"""Start the Prefect and MLflow UIs on loopback, pointed at a run root's stores."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from refinery.storage.layout import RunLayout
+
+
+def commands(layout: RunLayout, prefect_port: int, mlflow_port: int) -> dict[str, list[str]]:
+    bin_dir = Path(sys.executable).parent
+    return {
+        "prefect": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        "mlflow": [
+            str(bin_dir / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--backend-store-uri", layout.mlflow_tracking_uri,
+            "--default-artifact-root", layout.mlflow_artifacts.as_uri(),
+        ],
+    }
+
+
+def environment(layout: RunLayout) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(layout.prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+    )
+    return env
+
+
+def start(layout: RunLayout, prefect_port: int = 4200, mlflow_port: int = 5000) -> list[subprocess.Popen]:
+    """Start both servers, each in its own process group so that stopping them stops their children."""
+    env = environment(layout)
+    return [
+        subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for cmd in commands(layout, prefect_port, mlflow_port).values()
+    ]
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
