@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from refinery.model.train import TrainConfig
 from refinery.tasks.dedup import DedupConfig
@@ -55,6 +55,25 @@ class PipelineConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @model_validator(mode="after")
+    def _one_validation_split(self) -> PipelineConfig:
+        """The tokenizer measures compression on the same validation split the shards stage holds out.
+
+        Setting `val_fraction` in either section sets both; setting both to different values is an error.
+        """
+        tok_set = "val_fraction" in self.tokenizer.model_fields_set
+        shards_set = "val_fraction" in self.shards.model_fields_set
+        if tok_set and shards_set and self.tokenizer.val_fraction != self.shards.val_fraction:
+            raise ValueError(
+                f"tokenizer.val_fraction ({self.tokenizer.val_fraction}) and shards.val_fraction "
+                f"({self.shards.val_fraction}) must be equal: set one of them"
+            )
+        if shards_set and not tok_set:
+            self.tokenizer.val_fraction = self.shards.val_fraction
+        elif tok_set and not shards_set:
+            self.shards.val_fraction = self.tokenizer.val_fraction
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,13 +1,18 @@
 """Token shards (Arrow IPC, uncompressed) and the memory-mapped window loader.
 
-A shard holds one row per document: `input_ids` as `list<uint16>` when the
-vocabulary fits in 16 bits, else `list<uint32>`, each document closed by the
-end-of-text token. The loader maps the files and serves random windows of
-`seq_len + 1` tokens from the flattened values without copying the shard.
+A shard holds one row per document: `id` and `input_ids`, the latter as
+`list<uint16>` when the vocabulary fits in 16 bits, else `list<uint32>`, each
+document closed by the end-of-text token. Shards are uncompressed so that the
+loader can memory-map them and serve random windows of `seq_len + 1` tokens
+straight from the flattened values, without copying a shard into memory.
+
+The train/val split is a pure function of the document id (`is_val`), so it is
+the same in every run, for every corpus, and for every stage that asks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,13 +23,52 @@ import pyarrow as pa
 
 from refinery.storage.atomic import atomic_path
 
+SHARD_SUFFIX = ".arrow"
+
 
 def token_dtype(vocab_size: int) -> pa.DataType:
+    """`uint16` when every token id fits in 16 bits, else `uint32`."""
     return pa.uint16() if vocab_size <= 1 << 16 else pa.uint32()
 
 
 def shard_schema(vocab_size: int) -> pa.Schema:
     return pa.schema([pa.field("id", pa.string()), pa.field("input_ids", pa.list_(token_dtype(vocab_size)))])
+
+
+def split_fraction(doc_id: str, salt: str = "split") -> float:
+    """A uniform number in [0, 1) fixed by the document id (and a salt naming its use)."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8, person=salt.encode()[:16]).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def is_val(doc_id: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a hash of its id, stable across runs."""
+    return split_fraction(doc_id) < val_fraction
+
+
+def write_token_shard_arrays(
+    path: str | os.PathLike[str],
+    ids: Sequence[str],
+    values: np.ndarray,
+    offsets: np.ndarray,
+    vocab_size: int,
+) -> int:
+    """Write one shard atomically from flat token `values` and `len(ids) + 1` row `offsets`.
+
+    This is the fast path the shards stage uses: the tokens are already one
+    array, so nothing is copied per document. Returns the number of tokens.
+    """
+    schema = shard_schema(vocab_size)
+    np_dtype = np.uint16 if schema.field("input_ids").type.value_type == pa.uint16() else np.uint32
+    offsets = np.asarray(offsets, dtype=np.int32)
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(values):
+        raise ValueError(f"{path}: offsets must run from 0 to len(values) with one entry per document plus one")
+    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np_dtype)))
+    table = pa.table({"id": pa.array(list(ids), pa.string()), "input_ids": input_ids}, schema=schema)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+    return len(values)
 
 
 def write_token_shard(
@@ -33,41 +77,62 @@ def write_token_shard(
     token_lists: Sequence[np.ndarray],
     vocab_size: int,
 ) -> int:
-    """Write one shard atomically; returns the number of tokens in it."""
-    schema = shard_schema(vocab_size)
-    np_dtype = np.uint16 if schema.field("input_ids").type.value_type == pa.uint16() else np.uint32
+    """Write one shard atomically from one token array per document; returns the number of tokens."""
+    dtype = np.uint16 if token_dtype(vocab_size) == pa.uint16() else np.uint32
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-    offsets = np.zeros(len(token_lists) + 1, dtype=np.int32)
+    offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate([np.asarray(t, dtype=np_dtype) for t in token_lists]) if token_lists else np.array([], np_dtype)
-    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-    table = pa.table({"id": pa.array(list(ids), pa.string()), "input_ids": input_ids}, schema=schema)
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table)
-    return int(lengths.sum())
+    values = np.concatenate([np.asarray(t, dtype=dtype) for t in token_lists]) if token_lists else np.array([], dtype)
+    return write_token_shard_arrays(path, ids, values, offsets, vocab_size)
+
+
+def _open_shard(path: str | os.PathLike[str]) -> pa.Table:
+    """The shard as a table whose buffers live in the memory map (no read into memory)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _flat_values(table: pa.Table) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(values, row offsets) per chunk of `input_ids`, both zero-copy views of the map."""
+    out = []
+    for chunk in table.column("input_ids").chunks:
+        offsets = chunk.offsets.to_numpy(zero_copy_only=True)
+        if len(chunk) == 0 or offsets[-1] == offsets[0]:
+            continue
+        values = chunk.values.to_numpy(zero_copy_only=True)[offsets[0] : offsets[-1]]
+        out.append((values, offsets - offsets[0]))
+    return out
 
 
 def map_tokens(paths: Sequence[str | os.PathLike[str]]) -> list[np.ndarray]:
     """Memory-map each shard and return its flattened token values (zero-copy views)."""
-    out: list[np.ndarray] = []
-    for path in paths:
-        source = pa.memory_map(str(path), "r")
-        table = pa.ipc.open_file(source).read_all()
-        column = table.column("input_ids")
-        for chunk in column.chunks:
-            values = chunk.flatten()
-            if len(values):
-                out.append(values.to_numpy(zero_copy_only=True))
-    return out
+    return [values for path in paths for values, _ in _flat_values(_open_shard(path))]
+
+
+def read_shard(path: str | os.PathLike[str]) -> tuple[list[str], list[np.ndarray]]:
+    """Document ids and their token arrays (views into the map), for inspection and tests."""
+    table = _open_shard(path)
+    ids = table.column("id").to_pylist()
+    tokens: list[np.ndarray] = []
+    for chunk in table.column("input_ids").chunks:
+        offsets = chunk.offsets.to_numpy(zero_copy_only=True)
+        values = chunk.values.to_numpy(zero_copy_only=True)
+        tokens.extend(values[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
+    return ids, tokens
 
 
 class TokenWindows:
     """Random windows of `seq_len + 1` tokens over memory-mapped shards.
 
-    The window starts for a step are a pure function of (seed, step, rank), so
-    batches are reproducible and a resumed run sees exactly the batches it
-    would have seen. Ranks draw disjoint windows at each step.
+    The shards are read as one logical stream of tokens (their flattened values,
+    in the order given) without concatenating them: a window is gathered from
+    the shard that holds it, and only the rare window that straddles two
+    shards is assembled piecewise.
+
+    The windows of a step are a pure function of (seed, step): the starts of
+    all ranks are drawn together without replacement and rank `r` takes its
+    slice, so batches are reproducible, a resumed run sees exactly the batches
+    it would have seen, and two ranks never get the same window at one step.
+    With `respect_documents=True` windows start at document starts only.
     """
 
     def __init__(
@@ -77,33 +142,81 @@ class TokenWindows:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        respect_documents: bool = False,
     ) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.paths = [Path(p) for p in paths]
         self.seq_len = seq_len
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.respect_documents = respect_documents
         self.step = 0
-        parts = map_tokens(self.paths)
-        self.tokens = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else np.array([], np.uint16))
-        if len(self.tokens) < seq_len + 1:
+        self._tables = [_open_shard(p) for p in self.paths]  # keep the maps alive
+        parts = [part for table in self._tables for part in _flat_values(table)]
+        self._parts = [values for values, _ in parts]
+        sizes = np.array([len(v) for v in self._parts], dtype=np.int64)
+        self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._window = seq_len + 1
+        if self.num_tokens < self._window:
             raise ValueError(
-                f"only {len(self.tokens)} tokens in {len(self.paths)} shard(s), fewer than one window of "
-                f"{seq_len + 1}; lower seq_len or add data"
+                f"only {self.num_tokens} tokens in {len(self.paths)} shard(s), fewer than one window of "
+                f"{self._window}; lower seq_len or add data"
             )
+        self._doc_starts: np.ndarray | None = None
+        if respect_documents:
+            starts = np.concatenate([offsets[:-1] + base for (_, offsets), base in zip(parts, self._bounds[:-1], strict=True)])
+            self._doc_starts = starts[starts <= self.num_tokens - self._window].astype(np.int64)
+            if len(self._doc_starts) == 0:
+                raise ValueError(f"no document leaves room for a window of {self._window} tokens; lower seq_len")
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        return int(self._bounds[-1])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """All tokens as one array: a view for a single shard, a copy (avoid) for several."""
+        if len(self._parts) == 1:
+            return self._parts[0]
+        return np.concatenate(self._parts) if self._parts else np.array([], np.uint16)
+
+    def _starts(self, step: int, count: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        if self.respect_documents:
+            population = len(self._doc_starts)
+        else:
+            population = self.num_tokens - self._window + 1
+        replace = population < count  # too few distinct windows: repeats cannot be avoided
+        picks = rng.choice(population, size=count, replace=replace)
+        return self._doc_starts[picks] if self.respect_documents else picks.astype(np.int64)
+
+    def _gather(self, starts: np.ndarray) -> np.ndarray:
+        """Windows at global token positions `starts`, as an int64 `(len(starts), seq_len + 1)` array."""
+        out = np.empty((len(starts), self._window), dtype=np.int64)
+        part = np.searchsorted(self._bounds, starts, side="right") - 1
+        local = starts - self._bounds[part]
+        inside = local + self._window <= self._bounds[part + 1] - self._bounds[part]
+        for p in np.unique(part[inside]):
+            rows = np.flatnonzero(inside & (part == p))
+            view = np.lib.stride_tricks.sliding_window_view(self._parts[p], self._window)
+            out[rows] = view[local[rows]]
+        for row in np.flatnonzero(~inside):  # straddles shards: rare, assemble piece by piece
+            pos, filled, p = int(local[row]), 0, int(part[row])
+            while filled < self._window:
+                piece = self._parts[p][pos : pos + self._window - filled]
+                out[row, filled : filled + len(piece)] = piece
+                filled += len(piece)
+                p, pos = p + 1, 0
+        return out
 
     def get_batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), each `(batch_size, seq_len)` int64, for a given step."""
-        rng = np.random.default_rng([self.seed, step])
-        high = len(self.tokens) - self.seq_len - 1
-        starts = rng.integers(0, high + 1, size=batch_size * self.world_size)
-        starts = starts[self.rank * batch_size : (self.rank + 1) * batch_size]
-        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-        window = self.tokens[idx].astype(np.int64)
+        """(inputs, targets), each `(batch_size, seq_len)` int64, for this rank at a given step."""
+        starts = self._starts(step, batch_size * self.world_size)
+        window = self._gather(starts[self.rank * batch_size : (self.rank + 1) * batch_size])
         return window[:, :-1], window[:, 1:]
 
     def next_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,22 +225,35 @@ class TokenWindows:
         return batch
 
     def eval_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Consecutive non-overlapping windows over all tokens, for validation."""
-        n = (len(self.tokens) - 1) // self.seq_len
-        starts = np.arange(n) * self.seq_len
+        """Consecutive non-overlapping windows over all tokens, in order, for validation."""
+        n = (self.num_tokens - 1) // self.seq_len
+        starts = np.arange(n, dtype=np.int64) * self.seq_len
         for i, b in enumerate(range(0, n, batch_size)):
             if max_batches is not None and i >= max_batches:
                 return
-            s = starts[b : b + batch_size]
-            idx = s[:, None] + np.arange(self.seq_len + 1)[None, :]
-            window = self.tokens[idx].astype(np.int64)
+            window = self._gather(starts[b : b + batch_size])
             yield window[:, :-1], window[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "step": self.step, "seq_len": self.seq_len}
+        """Plain ints and bools only, so a checkpoint loads with `torch.load(weights_only=True)`."""
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "seq_len": self.seq_len,
+            "num_tokens": self.num_tokens,
+            "respect_documents": self.respect_documents,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seq_len"] != self.seq_len:
+        if int(state["seq_len"]) != self.seq_len:
             raise ValueError(f"checkpoint seq_len {state['seq_len']} != loader seq_len {self.seq_len}")
+        if "num_tokens" in state and int(state["num_tokens"]) != self.num_tokens:
+            raise ValueError(
+                f"checkpoint was taken over {state['num_tokens']} tokens but these shards hold {self.num_tokens}; "
+                "resume with the same shards the run started with"
+            )
         self.seed = int(state["seed"])
         self.step = int(state["step"])
+        self.respect_documents = bool(state.get("respect_documents", self.respect_documents))
+        if self.respect_documents and self._doc_starts is None:
+            raise ValueError("checkpoint samples at document starts; build the loader with respect_documents=True")

@@ -56,7 +56,7 @@ def run_eval(
 ) -> StageResult:
     stage_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint_dir, device="cpu")
-    seq_len = model.config.seq_len
+    seq_len = model.cfg.seq_len
     val_files = shard_paths(shards_dir, shards_extra, "val")
     val = TokenWindows(val_files, seq_len=seq_len)
     val_loss = evaluate_loss(model, val, batch_size=cfg.batch_size, max_batches=cfg.max_batches)

@@ -53,11 +53,18 @@ def run_train(
 ) -> StageResult:
     stage_dir.mkdir(parents=True, exist_ok=True)
     _reset_if_stale(stage_dir, run_key)
-    train_data = TokenWindows(shard_paths(shards_dir, shards_extra, "train"), seq_len=cfg.seq_len, seed=cfg.seed)
-    val_data = TokenWindows(shard_paths(shards_dir, shards_extra, "val"), seq_len=cfg.seq_len, seed=cfg.seed)
+    if not shards_extra.get("val_files") or not shards_extra.get("train_files"):
+        raise ValueError(
+            f"the shards hold {shards_extra.get('train_tokens', 0)} training and {shards_extra.get('val_tokens', 0)} "
+            "validation tokens; both splits need documents: add documents or raise shards.val_fraction"
+        )
+    vocab_size = int(shards_extra["vocab_size"])
+    seq_len = cfg.model_config_for(vocab_size).seq_len
+    train_data = TokenWindows(shard_paths(shards_dir, shards_extra, "train"), seq_len=seq_len, seed=cfg.seed)
+    val_data = TokenWindows(shard_paths(shards_dir, shards_extra, "val"), seq_len=seq_len, seed=cfg.seed)
     result = train(
         cfg,
-        vocab_size=int(shards_extra["vocab_size"]),
+        vocab_size=vocab_size,
         train_data=train_data,
         val_data=val_data,
         out_dir=stage_dir,

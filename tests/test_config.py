@@ -51,3 +51,10 @@ def test_bad_file_is_reported(tmp_path) -> None:
 def test_malformed_set_is_reported() -> None:
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["train.max_steps"])
+
+
+def test_validation_split_is_shared_by_tokenizer_and_shards() -> None:
+    assert load_config(None, ["shards.val_fraction=0.2"]).tokenizer.val_fraction == 0.2
+    assert load_config(None, ["tokenizer.val_fraction=0.1"]).shards.val_fraction == 0.1
+    with pytest.raises(ConfigError, match="must be equal"):
+        load_config(None, ["tokenizer.val_fraction=0.1", "shards.val_fraction=0.2"])

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.slow
 TINY = """
 tokenizer:
   vocab_size: 512
+shards:
+  val_fraction: 0.15
 train:
   preset: test
   seq_len: 64

@@ -1,0 +1,159 @@
+"""Quality-filter benchmark: Refinery's Gopher, C4 and FineWeb rules vs datatrove's, same thresholds.
+
+Documents: the Python reference documentation that ships with CPython (`pydoc_data.topics`, one document per
+topic, prose mixed with code samples), prose documents sampled from its sentences, and degraded variants
+(repeated lines, lists of short lines, symbol-heavy text, lorem ipsum). For each rule family the keep/drop
+decision of both systems is compared per document; disagreements are broken down by the reason each system
+gives, so every systematic one can be explained (see docs/filter.md). Throughput runs every family on every
+document in one process.
+
+    python bench/filter.py [--docs 3000] [--record]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds scripts named like stdlib modules (tokenize.py); keep it off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+
+FAMILIES = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    docs = [t for t in topics.values() if len(t) > 200]
+    pool = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(topics.values())) if 40 <= len(s.strip()) <= 300]
+    while len(docs) < n:
+        kind = rng.random()
+        body = rng.sample(pool, rng.randint(4, 16))
+        if kind < 0.55:  # prose paragraphs
+            paras = [" ".join(body[i : i + 3]) for i in range(0, len(body), 3)]
+            docs.append("\n\n".join(paras))
+        elif kind < 0.65:  # repeated lines
+            docs.append("\n".join(body[:3] * rng.randint(2, 6) + body[3:]))
+        elif kind < 0.75:  # list of short lines
+            docs.append("\n".join(w for s in body for w in s.split()[:3]))
+        elif kind < 0.85:  # symbol-heavy
+            docs.append(" ".join(f"{w} ### ..." if rng.random() < 0.3 else w for w in " ".join(body).split()))
+        elif kind < 0.9:
+            docs.append("Lorem ipsum dolor sit amet. " + " ".join(body))
+        else:  # one sentence per line, no final punctuation
+            docs.append("\n".join(s.rstrip(".!?") for s in body))
+    return docs[:n]
+
+
+def refinery_decisions(docs: list[str], family: str | None) -> tuple[list[str | None], float]:
+    from refinery.tasks.filter import FilterConfig, select
+    from refinery.tasks.quality import compute_signals
+
+    enabled = FAMILIES if family is None else (family,)
+    cfg = FilterConfig(**{f: {"enabled": f in enabled} for f in ("language", "code", *FAMILIES)})
+    t0 = time.perf_counter()
+    reasons: list[str | None] = []
+    for i in range(0, len(docs), 1000):
+        batch = docs[i : i + 1000]
+        signals = pa.table(compute_signals(pa.array(batch, pa.large_string()), cfg.families()))
+        reasons += select(signals, ["text"] * len(batch), cfg)[0]
+    return reasons, time.perf_counter() - t0
+
+
+def datatrove_filters() -> dict:
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    return {
+        "gopher_quality": GopherQualityFilter(),
+        "gopher_repetition": GopherRepetitionFilter(),
+        "c4": C4QualityFilter(),
+        "fineweb": FineWebQualityFilter(),
+    }
+
+
+def datatrove_decisions(docs: list[str], family: str | None) -> tuple[list[str | None], float]:
+    from datatrove.data import Document
+
+    filters = datatrove_filters()
+    chosen = FAMILIES if family is None else (family,)
+    for f in chosen:  # warm up (tokenizer loading)
+        filters[f].filter(Document(text="Warm up text. It has words.", id="w"))
+    t0 = time.perf_counter()
+    out: list[str | None] = []
+    for i, text in enumerate(docs):
+        reason = None
+        for f in chosen:  # every filter on every document
+            r = filters[f].filter(Document(text=text, id=str(i)))
+            if r is not True and reason is None:
+                reason = r[1] if isinstance(r, tuple) else "dropped"
+        out.append(reason)
+    return out, time.perf_counter() - t0
+
+
+def machine() -> str:
+    import datatrove
+    import numpy
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    return (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, numpy {numpy.__version__}, "
+            f"pyarrow {pa.__version__}, datatrove {datatrove.__version__}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=3000)
+    ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    args = ap.parse_args()
+    docs = make_docs(args.docs)
+    lines = [
+        f"### filter: {len(docs)} documents, decisions per rule family (default thresholds in both)",
+        "",
+        "| family | identical decisions | refinery drops | datatrove drops | only refinery drops (its reasons) | only datatrove drops (its reasons) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family in FAMILIES:
+        ours, _ = refinery_decisions(docs, family)
+        theirs, _ = datatrove_decisions(docs, family)
+        same = sum((a is None) == (b is None) for a, b in zip(ours, theirs, strict=True))
+        only_ours = Counter(a for a, b in zip(ours, theirs, strict=True) if a is not None and b is None)
+        only_theirs = Counter(b for a, b in zip(ours, theirs, strict=True) if a is None and b is not None)
+        fmt = lambda c: ", ".join(f"{k} {v}" for k, v in c.most_common(4)) or "-"  # noqa: E731
+        lines.append(
+            f"| {family} | {same / len(docs):.1%} | {sum(a is not None for a in ours)} | "
+            f"{sum(b is not None for b in theirs)} | {fmt(only_ours)} | {fmt(only_theirs)} |"
+        )
+    _, t_ours = refinery_decisions(docs, None)
+    _, t_theirs = datatrove_decisions(docs, None)
+    lines += [
+        "",
+        "| all four families on every document, one process | docs/s |",
+        "|---|---|",
+        f"| refinery | {len(docs) / t_ours:,.0f} |",
+        f"| datatrove | {len(docs) / t_theirs:,.0f} |",
+        f"| ratio | {t_theirs / t_ours:.1f}x |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(f"\n{table}\n\nMachine: {machine()}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""The shards stage: encode the curated corpus into Arrow token shards.
+
+The corpus is streamed from Parquet one row group at a time; each row group is
+a unit of pure work (read, encode, flatten to one token array) that runs
+in-process, on a pool of processes of our own (`workers`), or on an executor
+the caller passes (a Dask cluster), with at most a few units in flight so
+memory stays bounded whatever the corpus size. The main process routes the
+documents, in corpus order, to the `train` or `val` split (a hash of the id)
+and cuts each split into shards of about `shard_tokens` tokens.
+
+Files written under the stage directory:
+- `train-00000.arrow`, ..., `val-00000.arrow`: one row per document (`id`,
+  `input_ids`), each document closed by the end-of-text token.
+- `stats.parquet`: one row per encoded document (id, split, format, source,
+  n_tokens, n_bytes), the end-of-text token counted in n_tokens.
+- `dropped.parquet`: documents that produced no tokens (`empty_text`).
+
+Resuming: shard contents depend only on the corpus, the tokenizer and the
+config, never on timing, so a killed run can keep the shards it completed.
+After each shard the stage records, in `progress/state.json`, how far into the
+corpus each split is written; a re-run deletes anything newer than that record
+and goes on from there, so no document is ever written twice and the result is
+byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from refinery.storage.atomic import atomic_write_json, sweep_temporaries
+from refinery.storage.documents import DROPPED_SCHEMA, ParquetWriter, dropped_rows
+from refinery.storage.manifest import Counts, StageResult, describe_file, file_sha256, stable_hash
+from refinery.storage.shards import SHARD_SUFFIX, is_val, token_dtype, write_token_shard_arrays
+from refinery.tasks.tokenizer import EOT, load_tokenizer
+
+STAGE = "shards"
+SPLITS = ("train", "val")
+PROGRESS_DIR = "progress"
+STATE_FILE = "state.json"
+
+STATS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("n_tokens", pa.int64()),
+        pa.field("n_bytes", pa.int64()),
+    ]
+)
+# Per-shard progress records also carry the dropped documents (reason is null for encoded ones).
+_PENDING_SCHEMA = STATS_SCHEMA.append(pa.field("reason", pa.string()))
+
+
+class ShardsConfig(BaseModel):
+    """How the corpus is split, encoded and cut into shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents (by id hash) in val")
+    shard_tokens: int = Field(2**25, ge=1, description="a shard is closed once it holds at least this many tokens")
+    batch_docs: int = Field(1000, ge=1, description="documents per tokenizer call")
+    workers: int = Field(
+        1, ge=1, le=512, description="1: encode in this process on the tokenizer's threads; n > 1: n processes"
+    )
+    in_flight: int = Field(2, ge=1, le=64, description="row groups queued per worker (bounds memory)")
+    eot: str = Field(EOT, min_length=1, description="special token that closes every document")
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One Parquet row group to encode: a picklable unit of pure work."""
+
+    path: str
+    row_group: int
+    first_doc: int  # position of its first document in the whole corpus
+    tokenizer_file: str
+    eot: str
+    batch_docs: int
+    val_fraction: float
+
+
+@dataclass
+class EncodedBatch:
+    """A row group, encoded: per-document columns plus every token in one flat array."""
+
+    first_doc: int
+    ids: pa.Array
+    sources: pa.Array
+    formats: pa.Array
+    n_bytes: np.ndarray  # UTF-8 bytes of the text
+    lengths: np.ndarray  # tokens per document, end-of-text included; 0 for an empty text
+    values: np.ndarray  # concatenated tokens of all documents
+    split: np.ndarray  # 0 for train, 1 for val (index into SPLITS)
+
+
+_TOKENIZERS: dict[tuple[str, str], Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def _tokenizer(path: str, eot: str) -> tuple[Any, int]:
+    """Load a tokenizer once per process (workers reuse it across tasks)."""
+    key = (path, eot)
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            _TOKENIZERS.clear()
+            _TOKENIZERS[key] = load_tokenizer(path, eot)
+        return _TOKENIZERS[key]
+
+
+def encode_row_group(task: EncodeTask) -> EncodedBatch:
+    """Read one row group and encode it: the per-batch pure work of the stage."""
+    tok, eot_id = _tokenizer(task.tokenizer_file, task.eot)
+    dtype = np.uint16 if token_dtype(tok.get_vocab_size(with_added_tokens=True)) == pa.uint16() else np.uint32
+    table = pq.ParquetFile(task.path).read_row_group(task.row_group, columns=["id", "text", "source", "format"])
+    text = table.column("text")
+    n_bytes = pc.binary_length(text).to_numpy(zero_copy_only=False).astype(np.int64)
+    texts = text.to_pylist()
+    ids_per_doc: list[list[int]] = []
+    for start in range(0, len(texts), task.batch_docs):
+        chunk = [t for t in texts[start : start + task.batch_docs] if t]
+        ids_per_doc.extend(enc.ids for enc in tok.encode_batch_fast(chunk))
+    for ids in ids_per_doc:
+        ids.append(eot_id)
+    doc_ids = table.column("id").to_pylist()
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    lengths[n_bytes > 0] = np.fromiter(map(len, ids_per_doc), dtype=np.int64, count=len(ids_per_doc))
+    values = np.fromiter(chain.from_iterable(ids_per_doc), dtype=dtype, count=int(lengths.sum()))
+    return EncodedBatch(
+        first_doc=task.first_doc,
+        ids=table.column("id").combine_chunks(),
+        sources=table.column("source").combine_chunks(),
+        formats=table.column("format").combine_chunks(),
+        n_bytes=n_bytes,
+        lengths=lengths,
+        values=values,
+        split=np.fromiter((is_val(i, task.val_fraction) for i in doc_ids), dtype=np.int8, count=len(doc_ids)),
+    )
+
+
+def _no_tokenizer_threads() -> None:
+    """Worker processes encode on one thread each; the pool provides the parallelism."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+def _ordered_map(
+    fn: Callable[[EncodeTask], EncodedBatch],
+    tasks: Iterable[EncodeTask],
+    executor: cf.Executor | None,
+    ahead: int,
+) -> Iterator[EncodedBatch]:
+    """`map` in task order with at most `ahead` tasks submitted and not yet consumed."""
+    if executor is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque[cf.Future[EncodedBatch]] = deque()
+    for task in tasks:
+        pending.append(executor.submit(fn, task))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+@dataclass
+class _ShardFile:
+    path: str
+    rows: int
+    tokens: int
+
+
+@dataclass
+class _Split:
+    """Documents of one split waiting for their shard, and the shards already written."""
+
+    name: str
+    next_doc: int = 0  # every document of this split before this corpus position is written
+    shards: list[_ShardFile] = field(default_factory=list)
+    ids: list[pa.Array] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    rows: list[pa.Table] = field(default_factory=list)  # pending stats rows (kept and dropped)
+    tokens: int = 0
+
+
+class _ShardWriter:
+    """Cuts each split into shards of about `shard_tokens` and records progress after each."""
+
+    def __init__(self, stage_dir: Path, cfg: ShardsConfig, vocab_size: int, fingerprint: str) -> None:
+        self.stage_dir, self.cfg, self.vocab_size, self.fingerprint = stage_dir, cfg, vocab_size, fingerprint
+        self.progress_dir = stage_dir / PROGRESS_DIR
+        self.splits = {name: _Split(name) for name in SPLITS}
+
+    # -- resuming -------------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Adopt a previous run's completed shards if it had the same inputs; returns where to restart."""
+        sweep_temporaries(self.stage_dir)
+        state_path = self.progress_dir / STATE_FILE
+        state: dict[str, Any] | None = None
+        if state_path.is_file():
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if state.get("fingerprint") != self.fingerprint:
+                state = None
+        keep: set[str] = set()
+        if state is not None:
+            for name in SPLITS:
+                split = self.splits[name]
+                split.next_doc = int(state["splits"][name]["next_doc"])
+                split.shards = [_ShardFile(**s) for s in state["splits"][name]["shards"]]
+                keep.update(s.path for s in split.shards)
+                keep.update(self._record_name(s.path) for s in split.shards)
+        for path in self._owned_files():
+            if path.relative_to(self.stage_dir).as_posix() not in keep:
+                path.unlink()
+        return min(s.next_doc for s in self.splits.values())
+
+    def _owned_files(self) -> list[Path]:
+        files = [p for name in SPLITS for p in self.stage_dir.glob(f"{name}-*{SHARD_SUFFIX}")]
+        files += [self.stage_dir / "stats.parquet", self.stage_dir / "dropped.parquet"]
+        if self.progress_dir.is_dir():
+            files += [p for p in self.progress_dir.iterdir() if p.name != STATE_FILE]
+        return [p for p in files if p.is_file()]
+
+    @staticmethod
+    def _record_name(shard: str) -> str:
+        return f"{PROGRESS_DIR}/{Path(shard).stem}.parquet"
+
+    def _save_state(self) -> None:
+        splits = {
+            s.name: {"next_doc": s.next_doc, "shards": [vars(f) for f in s.shards]} for s in self.splits.values()
+        }
+        atomic_write_json(self.progress_dir / STATE_FILE, {"fingerprint": self.fingerprint, "splits": splits})
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def add(self, batch: EncodedBatch) -> None:
+        """Route a batch's documents (in corpus order) to their splits; close shards as they fill."""
+        positions = batch.first_doc + np.arange(len(batch.lengths))
+        token_ends = np.cumsum(batch.lengths)
+        token_starts = token_ends - batch.lengths
+        for code, split in enumerate(self.splits.values()):
+            docs = np.flatnonzero((batch.split == code) & (positions >= split.next_doc))
+            if len(docs) == 0:
+                continue
+            stats = self._stats_rows(batch, docs, split.name, positions)
+            kept = docs[batch.lengths[docs] > 0]
+            if len(kept) < len(docs):
+                split.rows.append(stats.filter(pa.array(batch.lengths[docs] == 0)))
+            if len(kept) == 0:
+                continue
+            kept_rows = stats.filter(pa.array(batch.lengths[docs] > 0))
+            lens = batch.lengths[kept]
+            values = batch.values[np.repeat(token_starts[kept], lens) + _ranges(lens)]
+            offsets = np.concatenate([[0], np.cumsum(lens)])
+            done = 0
+            while done < len(kept):  # fill the open shard; close it when it reaches shard_tokens
+                room = self.cfg.shard_tokens - split.tokens
+                take = min(int(np.searchsorted(offsets[done + 1 :] - offsets[done], room)) + 1, len(kept) - done)
+                end = done + take
+                split.ids.append(batch.ids.take(pa.array(kept[done:end])))
+                split.lengths.append(lens[done:end])
+                split.values.append(values[offsets[done] : offsets[end]])
+                split.rows.append(kept_rows.slice(done, take))
+                split.tokens += int(offsets[end] - offsets[done])
+                done = end
+                if split.tokens >= self.cfg.shard_tokens:
+                    self._flush(split, last_doc=int(positions[kept[end - 1]]))
+
+    @staticmethod
+    def _stats_rows(batch: EncodedBatch, docs: np.ndarray, split: str, positions: np.ndarray) -> pa.Table:
+        take = pa.array(docs)
+        lengths = batch.lengths[docs]
+        return pa.table(
+            {
+                "id": batch.ids.take(take),
+                "split": pa.array([split] * len(docs), pa.string()),
+                "format": batch.formats.take(take),
+                "source": batch.sources.take(take),
+                "n_tokens": pa.array(lengths, pa.int64()),
+                "n_bytes": pa.array(batch.n_bytes[docs], pa.int64()),
+                "reason": pa.array([None if n else "empty_text" for n in lengths], pa.string()),
+                "_pos": pa.array(positions[docs], pa.int64()),
+            }
+        )
+
+    def _flush(self, split: _Split, last_doc: int | None) -> None:
+        """Write the split's pending documents as its next shard, then record the progress.
+
+        `last_doc` is the corpus position of the shard's last document (None at
+        the end of the corpus): dropped documents up to it go with this shard.
+        """
+        rows = pa.concat_tables(split.rows) if split.rows else _PENDING_SCHEMA.empty_table()
+        if split.rows:
+            rows = rows.sort_by("_pos")
+            if last_doc is not None:
+                later = pc.greater(rows.column("_pos"), last_doc)
+                split.rows = [rows.filter(later)]
+                rows = rows.filter(pc.invert(later))
+            else:
+                split.rows = []
+        name = f"{split.name}-{len(split.shards):05d}{SHARD_SUFFIX}"
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+        with ParquetWriter(self.stage_dir / self._record_name(name), schema=_PENDING_SCHEMA) as writer:
+            writer.write(rows.drop_columns(["_pos"]) if "_pos" in rows.column_names else rows)
+        if split.ids:
+            ids = pa.concat_arrays(split.ids).to_pylist()
+            lengths = np.concatenate(split.lengths)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            values = np.concatenate(split.values)
+            write_token_shard_arrays(self.stage_dir / name, ids, values, offsets, self.vocab_size)
+            split.shards.append(_ShardFile(path=name, rows=len(ids), tokens=len(values)))
+        else:  # only dropped documents are left: their record is kept, no shard is written
+            split.shards.append(_ShardFile(path=name, rows=0, tokens=0))
+        split.ids, split.lengths, split.values, split.tokens = [], [], [], 0
+        split.next_doc = last_doc + 1 if last_doc is not None else np.iinfo(np.int64).max
+        self._save_state()
+
+    def finish(self) -> None:
+        for split in self.splits.values():
+            if split.ids or split.rows:
+                self._flush(split, last_doc=None)
+
+    def records(self) -> pa.Table:
+        """The progress records of all shards, in split then shard order."""
+        tables = [
+            pq.read_table(self.stage_dir / self._record_name(s.path), schema=_PENDING_SCHEMA)
+            for split in self.splits.values()
+            for s in split.shards
+        ]
+        return pa.concat_tables(tables) if tables else _PENDING_SCHEMA.empty_table()
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """Concatenated `arange(n)` for each n in `lengths`, vectorised."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+
+
+def _tasks(input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig, resume_at: int) -> list[EncodeTask]:
+    """One task per Parquet row group, skipping row groups that a previous run fully wrote."""
+    tasks: list[EncodeTask] = []
+    position = 0
+    for path in input_files:
+        meta = pq.ParquetFile(path).metadata
+        for rg in range(meta.num_row_groups):
+            rows = meta.row_group(rg).num_rows
+            if position + rows > resume_at and rows:
+                tasks.append(EncodeTask(
+                    str(path), rg, position, str(tokenizer_file), cfg.eot, cfg.batch_docs, cfg.val_fraction
+                ))
+            position += rows
+    return tasks
+
+
+def _fingerprint(input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig) -> str:
+    """What the shards depend on: inputs, tokenizer, and the config keys that change the output."""
+    inputs = [(str(p), p.stat().st_size, pq.ParquetFile(p).metadata.num_rows) for p in input_files]
+    shaping = cfg.model_dump(include={"val_fraction", "shard_tokens", "eot"})
+    return stable_hash({"inputs": inputs, "tokenizer": file_sha256(tokenizer_file), "config": shaping})
+
+
+def run_encode(
+    input_files: list[Path],
+    tokenizer_file: Path,
+    stage_dir: Path,
+    cfg: ShardsConfig,
+    progress: bool = True,
+    executor: cf.Executor | None = None,
+) -> StageResult:
+    """Encode the curated documents into train/val token shards; resumes a killed run."""
+    input_files = [Path(p) for p in input_files]
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tok, eot_id = load_tokenizer(tokenizer_file, cfg.eot)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    writer = _ShardWriter(stage_dir, cfg, vocab_size, _fingerprint(input_files, Path(tokenizer_file), cfg))
+    resume_at = writer.resume()
+    tasks = _tasks(input_files, Path(tokenizer_file), cfg, resume_at)
+    total_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in input_files)
+
+    # Without an executor: threads of this process (the tokenizer releases the GIL, so reading and
+    # flattening one row group overlaps encoding the next), or `workers` processes of our own.
+    if executor is not None:
+        pool, own_pool, ahead = executor, None, cfg.in_flight * max(1, os.cpu_count() or 1)
+    elif cfg.workers > 1:
+        context = multiprocessing.get_context("spawn")
+        own_pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_no_tokenizer_threads)
+        pool, ahead = own_pool, cfg.in_flight * cfg.workers
+    else:
+        own_pool = cf.ThreadPoolExecutor(2, thread_name_prefix="encode")
+        pool, ahead = own_pool, cfg.in_flight
+
+    started = time.perf_counter()
+    bar = tqdm(total=total_docs, initial=min(resume_at, total_docs), desc="shards: encoding", unit="doc",
+               disable=not progress)
+    try:
+        for batch in _ordered_map(encode_row_group, tasks, pool, ahead):
+            writer.add(batch)
+            bar.update(len(batch.lengths))
+        writer.finish()
+    finally:
+        bar.close()
+        if own_pool is not None:
+            own_pool.shutdown(cancel_futures=True)
+    seconds = time.perf_counter() - started
+
+    return _result(stage_dir, writer, vocab_size, eot_id, seconds)
+
+
+def _result(stage_dir: Path, writer: _ShardWriter, vocab_size: int, eot_id: int, seconds: float) -> StageResult:
+    """Assemble stats, dropped list and manifest entries from the per-shard records."""
+    records = writer.records()
+    kept_mask = pc.is_null(records.column("reason"))
+    kept = records.filter(kept_mask).drop_columns(["reason"])
+    dropped = records.filter(pc.invert(kept_mask))
+
+    stats_path = stage_dir / "stats.parquet"
+    with ParquetWriter(stats_path, schema=STATS_SCHEMA) as w:
+        w.write(kept)
+    dropped_path = stage_dir / "dropped.parquet"
+    with ParquetWriter(dropped_path, schema=DROPPED_SCHEMA) as w:
+        w.write(
+            dropped_rows(
+                dropped.column("id").to_pylist(),
+                dropped.column("source").to_pylist(),
+                STAGE,
+                dropped.column("reason").to_pylist(),
+                [f"{n} bytes of text" for n in dropped.column("n_bytes").to_pylist()],
+            )
+        )
+
+    outputs = []
+    extra: dict[str, Any] = {"vocab_size": vocab_size, "eot_id": eot_id, "dtype": str(token_dtype(vocab_size))}
+    for split in writer.splits.values():
+        files = [s for s in split.shards if s.rows]
+        outputs += [describe_file(stage_dir, stage_dir / s.path, rows=s.rows) for s in files]
+        extra[f"{split.name}_files"] = [s.path for s in files]
+        extra[f"{split.name}_tokens"] = sum(s.tokens for s in files)
+        in_split = pc.equal(kept.column("split"), split.name)
+        extra[f"{split.name}_bytes"] = int(pc.sum(kept.filter(in_split).column("n_bytes")).as_py() or 0)
+        extra[f"{split.name}_documents"] = sum(s.rows for s in files)
+    outputs.append(describe_file(stage_dir, stats_path, rows=kept.num_rows))
+    outputs.append(describe_file(stage_dir, dropped_path, rows=dropped.num_rows))
+    extra["shard_bytes"] = {o.path: o.bytes for o in outputs if o.path.endswith(SHARD_SUFFIX)}
+
+    reasons = pc.value_counts(dropped.column("reason")).to_pylist() if dropped.num_rows else []
+    counts = Counts(
+        **{"in": records.num_rows},
+        kept=kept.num_rows,
+        dropped={r["values"]: r["counts"] for r in reasons},
+    )
+    counts.check(STAGE)
+    tokens = extra["train_tokens"] + extra["val_tokens"]
+    text_bytes = extra["train_bytes"] + extra["val_bytes"]
+    metrics = {"seconds": seconds, "tokens": float(tokens), "bytes_per_token": text_bytes / max(1, tokens)}
+    if seconds > 0:
+        metrics.update(tokens_per_s=tokens / seconds, mb_per_s=text_bytes / 2**20 / seconds)
+    shutil.rmtree(writer.progress_dir, ignore_errors=True)
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra=extra)

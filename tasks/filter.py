@@ -1,0 +1,312 @@
+"""The filter stage: quality signals as columns, then a cheap selection.
+
+Step 1 (signals, cached): every enabled rule family's signals are computed
+once per document (`refinery.tasks.quality`) and written to
+`signals-NNNNN.parquet`, one per input file. `signals.key.json` records the
+input files' checksums and the settings that change signals; when both match,
+the step is skipped, so changing only a threshold re-runs only step 2.
+
+Step 2 (selection): each document is compared with the thresholds in the order
+of `quality.RULES`; the first rule it fails names its drop reason. Code
+documents (`format` in `code_formats`) get the code rules, all others the prose
+rules. Kept documents carry `lang`, `lang_score` and the signal columns, with
+PII replaced by placeholders; dropped ones go to `dropped.parquet`.
+`drop_reasons.png` charts the drops by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from refinery.storage.atomic import TMP_PREFIX, atomic_path, atomic_write_json
+from refinery.storage.documents import (
+    DROPPED_SCHEMA,
+    ParquetWriter,
+    PartWriter,
+    count_rows,
+    document_files,
+    dropped_rows,
+    iter_batches,
+)
+from refinery.storage.manifest import Counts, OutputFile, StageResult, describe_file, file_sha256
+from refinery.tasks.pii import PIIRules, redact
+from refinery.tasks.quality import (
+    RULES,
+    C4Rules,
+    CodeRules,
+    FineWebRules,
+    GopherQualityRules,
+    GopherRepetitionRules,
+    LanguageRules,
+    Rule,
+    compute_signals,
+)
+
+STAGE = "filter"
+SIGNALS_KEY = "signals.key.json"
+SIGNALS_VERSION = 1
+CHART = "drop_reasons.png"
+FAMILIES = ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "code")
+
+
+class FilterConfig(BaseModel):
+    """Settings of the filter stage: one sub-model per rule family, each with `enabled` and its thresholds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: LanguageRules = Field(default_factory=LanguageRules)
+    gopher_quality: GopherQualityRules = Field(default_factory=GopherQualityRules)
+    gopher_repetition: GopherRepetitionRules = Field(default_factory=GopherRepetitionRules)
+    c4: C4Rules = Field(default_factory=C4Rules)
+    fineweb: FineWebRules = Field(default_factory=FineWebRules)
+    code: CodeRules = Field(default_factory=CodeRules)
+    pii: PIIRules = Field(default_factory=PIIRules)
+    code_formats: list[str] = Field(default_factory=lambda: ["code"], description="formats that get the code rules")
+    batch_size: int = Field(2000, ge=1)
+
+    def families(self) -> dict[str, Any]:
+        """The enabled rule families, by name."""
+        return {name: getattr(self, name) for name in FAMILIES if getattr(self, name).enabled}
+
+    def signal_key(self) -> dict[str, Any]:
+        """What the cached signals depend on besides the input: enabled families and their signal settings."""
+        return {name: rules.signal_params() for name, rules in self.families().items()}
+
+
+def map_in_order(
+    fn: Callable[..., Any], items: Iterable[tuple[Any, ...]], executor: Executor | None, in_flight: int = 4
+) -> Iterator[Any]:
+    """`fn(*item)` for each item, in order; through `executor` with a bounded number in flight."""
+    if executor is None:
+        for item in items:
+            yield fn(*item)
+        return
+    pending = []
+    for item in items:
+        pending.append(executor.submit(fn, *item))
+        if len(pending) >= in_flight:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()
+
+
+def _signals_path(stage_dir: Path, i: int) -> Path:
+    return stage_dir / f"signals-{i:05d}.parquet"
+
+
+def _signals_batch(file_index: int, ids: pa.Array, texts: pa.Array, families: dict[str, Any]) -> tuple[int, pa.Table]:
+    columns = {"id": ids, **compute_signals(texts, families)}
+    return file_index, pa.table(columns)
+
+
+def compute_signal_files(
+    input_files: list[Path], stage_dir: Path, cfg: FilterConfig, progress: bool, executor: Executor | None
+) -> bool:
+    """Write `signals-NNNNN.parquet` per input file unless the cached ones match; True if they were reused."""
+    key = {
+        "version": SIGNALS_VERSION,
+        "inputs": [[p.name, file_sha256(p)] for p in input_files],
+        "signals": cfg.signal_key(),
+    }
+    key_path = stage_dir / SIGNALS_KEY
+    files = [_signals_path(stage_dir, i) for i in range(len(input_files))]
+    if key_path.is_file() and all(f.is_file() for f in files):
+        if json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
+            return True
+    key_path.unlink(missing_ok=True)  # the old cache no longer describes the files about to be written
+    families = cfg.families()
+
+    def items() -> Iterator[tuple[Any, ...]]:
+        for i, path in enumerate(input_files):
+            for batch in iter_batches([path], columns=["id", "text"], batch_size=cfg.batch_size):
+                yield (i, batch.column("id"), batch.column("text"), families)
+
+    writers: dict[int, ParquetWriter] = {}
+    bar = tqdm(total=count_rows(input_files), desc="filter: signals", unit="doc", disable=not progress)
+    for i, table in map_in_order(_signals_batch, items(), executor):
+        if i not in writers:
+            writers[i] = ParquetWriter(files[i])
+        writers[i].write(table)
+        bar.update(table.num_rows)
+    bar.close()
+    for i, f in enumerate(files):
+        if i in writers:
+            writers[i].close()
+        else:  # an empty input file still gets a (empty) signals file
+            with atomic_path(f) as tmp:
+                pq.write_table(pa.table({"id": pa.array([], pa.string())}), tmp)
+    for stale in stage_dir.glob("signals-*.parquet"):
+        if stale not in files and not stale.name.startswith(TMP_PREFIX):
+            stale.unlink()
+    atomic_write_json(key_path, key)
+    return False
+
+
+def _rule_limit(cfg: FilterConfig, rule: Rule) -> Any:
+    return getattr(getattr(cfg, rule.family), rule.limit)
+
+
+def select(signals: pa.Table, formats: list[str], cfg: FilterConfig) -> tuple[list[str | None], list[str]]:
+    """The drop reason (None to keep) and a detail for each row, from signal columns and thresholds."""
+    n = signals.num_rows
+    reason: list[str | None] = [None] * n
+    detail = [""] * n
+    undecided = np.ones(n, bool)
+    is_code = np.array([f in cfg.code_formats for f in formats], bool)
+    families = cfg.families()
+    for rule in RULES:
+        if rule.family not in families:
+            continue
+        applies = is_code if rule.family == "code" else ~is_code
+        limit = _rule_limit(cfg, rule)
+        if rule.family == "language":
+            if not cfg.language.languages:
+                continue
+            lang = np.array(signals.column("lang").to_pylist(), dtype=object)
+            score = signals.column("lang_score").to_numpy()
+            allowed = np.isin(lang, cfg.language.languages)
+            fails = ~allowed | (score < limit)
+            values = [f"lang={lg} score={s:.3f} (languages={cfg.language.languages}, threshold={limit})"
+                      for lg, s in zip(lang, score, strict=True)]
+        else:
+            col = signals.column(rule.column).to_numpy(zero_copy_only=False)
+            if rule.op == "flag":
+                fails = col.astype(bool) & bool(limit)
+            elif rule.op == "min":
+                fails = col < limit
+            else:
+                fails = col > limit
+            sign = {"min": "<", "max": ">", "flag": "="}[rule.op]
+            values = None
+        hit = np.flatnonzero(fails & applies & undecided)
+        for i in hit:
+            reason[i] = rule.code
+            if values is not None:
+                detail[i] = values[i]
+            else:
+                v = col[i]
+                shown = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
+                detail[i] = f"{rule.column}={shown} {sign} {rule.limit}={limit}"
+        undecided[hit] = False
+    return reason, detail
+
+
+def run_filter(
+    input_files: list[Path],
+    stage_dir: Path,
+    cfg: FilterConfig,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> StageResult:
+    """Compute (or reuse) quality signals for `input_files`, then keep, redact and drop documents."""
+    t0 = time.perf_counter()
+    input_files = [Path(p) for p in input_files]
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    reused = compute_signal_files(input_files, stage_dir, cfg, progress, executor)
+    t_signals = time.perf_counter()
+
+    previous_parts = set(document_files(stage_dir))
+    parts = PartWriter(stage_dir)
+    dropped_w = ParquetWriter(stage_dir / "dropped.parquet", DROPPED_SCHEMA)
+    dropped: Counter[str] = Counter()
+    pii_counts: Counter[str] = Counter()
+    n_in = 0
+    bar = tqdm(total=count_rows(input_files), desc="filter: select", unit="doc", disable=not progress)
+    for i, path in enumerate(input_files):
+        signals = pq.read_table(_signals_path(stage_dir, i))
+        offset = 0
+        for batch in iter_batches([path], batch_size=cfg.batch_size):
+            table = pa.Table.from_batches([batch])
+            sig = signals.slice(offset, table.num_rows)
+            offset += table.num_rows
+            if sig.column("id") != table.column("id"):
+                raise RuntimeError(f"{_signals_path(stage_dir, i)} is out of step with {path}; delete it and re-run")
+            reason, detail = select(sig, table.column("format").to_pylist(), cfg)
+            keep = np.array([r is None for r in reason], bool)
+            owned = [c for c in sig.column_names if c != "id"]
+            table = table.drop_columns([c for c in owned if c in table.column_names])
+            for c in owned:
+                table = table.append_column(c, sig.column(c))
+            kept = table.filter(pa.array(keep))
+            if cfg.pii.enabled and kept.num_rows:
+                texts = []
+                for t in kept.column("text").to_pylist():
+                    red, counts = redact(t, cfg.pii)
+                    pii_counts.update(counts)
+                    texts.append(red)
+                idx = kept.column_names.index("text")
+                kept = kept.set_column(idx, kept.schema.field(idx), pa.array(texts, kept.schema.field(idx).type))
+            parts.write(kept)
+            drop = np.flatnonzero(~keep)
+            if len(drop):
+                ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
+                dropped_w.write(
+                    dropped_rows(
+                        [ids[j] for j in drop], [sources[j] for j in drop], STAGE,
+                        [reason[j] for j in drop], [detail[j] for j in drop],  # type: ignore[misc]
+                    )
+                )
+                dropped.update(reason[j] for j in drop)  # type: ignore[misc]
+            n_in += table.num_rows
+            bar.update(table.num_rows)
+    bar.close()
+    outputs: list[OutputFile] = list(parts.close())
+    kept_rows = sum(o.rows for o in outputs)
+    outputs.append(dropped_w.close(stage_dir))
+    for stale in previous_parts - {stage_dir / o.path for o in outputs}:
+        stale.unlink(missing_ok=True)
+    write_chart(stage_dir / CHART, dict(dropped))
+    outputs.append(describe_file(stage_dir, stage_dir / CHART))
+    for j in range(len(input_files)):
+        p = _signals_path(stage_dir, j)
+        outputs.append(describe_file(stage_dir, p, pq.ParquetFile(p).metadata.num_rows))
+    outputs.append(describe_file(stage_dir, stage_dir / SIGNALS_KEY))
+
+    counts = Counts(**{"in": n_in}, kept=kept_rows, dropped=dict(sorted(dropped.items())))
+    counts.check(STAGE)
+    elapsed = time.perf_counter() - t0
+    metrics: dict[str, float] = {
+        "docs_per_s": n_in / elapsed if elapsed > 0 else 0.0,
+        "seconds_signals": t_signals - t0,
+        "seconds_select": time.perf_counter() - t_signals,
+        "signals_reused": float(reused),
+        **{f"dropped_{k}": float(v) for k, v in sorted(dropped.items())},
+        **{f"pii_{k}": float(pii_counts.get(k, 0)) for k in ("email", "ip", "phone")},
+    }
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra={"chart": CHART})
+
+
+def write_chart(path: Path, dropped: dict[str, int]) -> None:
+    """Horizontal bar chart of drop counts by reason (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(dropped.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(items), 3) + 1.2))
+    if items:
+        ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
+        for y, (_, v) in enumerate(items):
+            ax.text(v, y, f" {v}", va="center", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no documents dropped", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("documents dropped")
+    ax.set_title("filter: drops by reason")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

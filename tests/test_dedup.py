@@ -1,0 +1,156 @@
+"""Dedup stage: normalisation, datasketch-identical signatures, exact/near duplicates, incremental runs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter, document_files, read_table
+from refinery.tasks.dedup import DedupConfig, run_dedup
+from refinery.tasks.minhash import MinHasher, datasketch_minhash, exact_jaccard, shingle_hashes
+from refinery.tasks.normalize import NormalizeConfig, normalize, normalize_words
+
+
+def write_docs(directory: Path, texts: dict[str, str]) -> list[Path]:
+    rows = [
+        {"id": i, "text": t, "source": f"mem://{i}", "format": "text", "bytes": len(t), "meta": "{}"}
+        for i, t in texts.items()
+    ]
+    writer = PartWriter(directory, DOCUMENT_SCHEMA, rows_per_part=4)
+    writer.write(rows)
+    writer.close()
+    return document_files(directory)
+
+
+def words(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def pair_at(k: int, n: int = 100) -> tuple[str, str]:
+    """Two texts sharing their first k of n distinct words: Jaccard of 5-shingles is (k-4)/(2(n-4)-(k-4))."""
+    a = words("w", n)
+    b = a[:k] + words("x", n - k)
+    return " ".join(a), " ".join(b)
+
+
+def test_normalize_folds_case_punctuation_whitespace_and_nfc():
+    assert normalize("  Hello,\tWORLD!!  It's\n") == "hello world it s"
+    assert normalize("Cafe\u0301") == normalize("Caf\u00e9") == "café"
+    assert normalize("Café 2024", NormalizeConfig(strip_accents=True, fold_digits=True)) == "cafe 0"
+    assert normalize("Hello, World", NormalizeConfig(lowercase=False, fold_punctuation=False)) == "Hello, World"
+    assert normalize_words(["a  b", ""]).to_pylist() == [["a", "b"], []]
+
+
+def test_signatures_equal_datasketch_minhash():
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "a b c", "", "one two three four five six"]
+    w = normalize_words(texts)
+    h, o = shingle_hashes(w, 5)
+    hasher = MinHasher(num_perm=64, seed=7)
+    sigs = hasher.signatures(h, o)
+    for i in range(len(texts)):
+        ref = datasketch_minhash(h[o[i] : o[i + 1]], num_perm=64, seed=7)
+        assert np.array_equal(ref.hashvalues, sigs[i])
+    assert o[3] - o[2] == 0 and o[2] - o[1] == 1  # empty: no shingle; short: one shingle
+    # Jaccard estimates agree with datasketch's own objects, and approximate the exact value.
+    a, b = pair_at(90)
+    w = normalize_words([a, b])
+    h, o = shingle_hashes(w, 5)
+    s = MinHasher(256, 1).signatures(h, o)
+    ma, mb = datasketch_minhash(h[o[0] : o[1]], 256, 1), datasketch_minhash(h[o[1] : o[2]], 256, 1)
+    est = float((s[0] == s[1]).mean())
+    assert est == ma.jaccard(mb) == MinHasher(256, 1).lean(s[0]).jaccard(MinHasher(256, 1).lean(s[1]))
+    exact = exact_jaccard(h[o[0] : o[1]], h[o[1] : o[2]])
+    assert exact == pytest.approx(86 / 106)
+    assert abs(est - exact) < 0.1
+
+
+def test_exact_and_near_duplicates_either_side_of_threshold(tmp_path):
+    hi_a, hi_b = pair_at(95)  # Jaccard 91/101 = 0.90 > 0.8
+    lo_a, lo_b = pair_at(83)  # Jaccard 79/113 = 0.70 < 0.8
+    lo_a, lo_b = lo_a.replace("w", "v"), lo_b.replace("w", "v").replace("x", "y")
+    texts = {
+        "a": hi_a, "b": hi_b, "c": lo_a, "d": lo_b,
+        "e": "Some Unique TEXT, here!", "f": "some unique text here", "g": " ".join(words("z", 50)),
+    }
+    files = write_docs(tmp_path / "in", texts)
+    res = run_dedup(files, tmp_path / "dedup", DedupConfig(), progress=False)
+    assert res.counts.in_ == 7
+    assert res.counts.dropped == {"near_duplicate": 1, "exact_duplicate": 1}
+    assert res.counts.kept == 5
+    res.counts.check("dedup")
+    dropped = read_table([tmp_path / "dedup" / "dropped.parquet"]).to_pylist()
+    by_id = {r["id"]: r for r in dropped}
+    assert by_id["b"]["reason"] == "near_duplicate" and "kept=a" in by_id["b"]["detail"]
+    assert "jaccard=0.901" in by_id["b"]["detail"]
+    assert by_id["f"]["reason"] == "exact_duplicate" and by_id["f"]["detail"] == "kept=e"
+    kept = read_table(document_files(tmp_path / "dedup")).to_pylist()
+    clusters = {r["id"]: r["minhash_cluster"] for r in kept}
+    assert set(clusters) == {"a", "c", "d", "e", "g"}
+    assert clusters["a"] is not None and clusters["e"] is not None and clusters["a"] != clusters["e"]
+    assert clusters["c"] is None and clusters["d"] is None and clusters["g"] is None
+    assert set(read_table(document_files(tmp_path / "dedup")).column_names) >= set(DOCUMENT_SCHEMA.names)
+
+
+def test_without_verification_bands_decide(tmp_path):
+    a, b = pair_at(100 - 1)
+    files = write_docs(tmp_path / "in", {"a": a, "b": b})
+    cfg = DedupConfig(verify_jaccard=False, bands=16, rows=8)
+    res = run_dedup(files, tmp_path / "dedup", cfg, progress=False)
+    assert res.counts.dropped == {"near_duplicate": 1}
+    assert res.metrics["bands"] == 16 and res.metrics["rows"] == 8
+
+
+def test_incremental_run_reuses_signatures(tmp_path):
+    base = {f"d{i}": " ".join(words(f"t{i}_", 60)) for i in range(6)}
+    stage = tmp_path / "dedup"
+    first = run_dedup(write_docs(tmp_path / "in1", base), stage, DedupConfig(), progress=False)
+    assert first.counts.kept == 6 and first.metrics["signatures_computed"] == 6
+    assert pq.ParquetFile(stage / "signatures.parquet").metadata.num_rows == 6
+
+    near = base["d0"].split()
+    near[-1] = "changed"
+    new = {"n0": " ".join(near), "n1": " ".join(words("fresh", 60)), "n2": base["d3"].upper()}
+    second = run_dedup(write_docs(tmp_path / "in2", new), stage, DedupConfig(), progress=False)
+    assert second.counts.dropped == {"near_duplicate": 1, "exact_duplicate": 1}
+    assert second.metrics["signatures_computed"] == 3 and second.metrics["index_size"] == 6
+    detail = {r["id"]: r["detail"] for r in read_table([stage / "dropped.parquet"]).to_pylist()}
+    assert detail["n0"].startswith("kept=d0") and detail["n2"] == "kept=d3"
+    assert pq.ParquetFile(stage / "signatures.parquet").metadata.num_rows == 7
+
+    # The whole corpus again: kept documents reuse their stored signatures and stay kept.
+    third = run_dedup(
+        write_docs(tmp_path / "in1", base) + write_docs(tmp_path / "in2", new), stage, DedupConfig(), progress=False
+    )
+    assert third.metrics["signatures_reused"] == 7
+    assert third.metrics["signatures_computed"] == 2
+    assert third.counts.kept == 7 and third.counts.in_ == 9
+    third.counts.check("dedup")
+
+    with pytest.raises(ValueError, match="shingle_size"):
+        run_dedup(write_docs(tmp_path / "in2", new), stage, DedupConfig(shingle_size=3), progress=False)
+
+
+def test_executor_gives_identical_outputs(tmp_path):
+    texts = {f"d{i}": " ".join(words(f"k{i % 5}_", 40 + i % 3)) for i in range(20)}
+    files = write_docs(tmp_path / "in", texts)
+    cfg = DedupConfig(batch_size=3)
+    serial = run_dedup(files, tmp_path / "a", cfg, progress=False)
+    with ThreadPoolExecutor(2) as pool:
+        parallel = run_dedup(files, tmp_path / "b", cfg, progress=False, executor=pool)
+    assert serial.counts == parallel.counts
+    assert {o.path: o.sha256 for o in serial.outputs} == {o.path: o.sha256 for o in parallel.outputs}
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValidationError, match="bands"):
+        DedupConfig(bands=10)
+    with pytest.raises(ValidationError, match="threshold"):
+        DedupConfig(threshold=1.5)
+    with pytest.raises(ValidationError, match="shingles"):
+        DedupConfig(shingles=3)
+    assert DedupConfig(threshold=0.8, num_perm=128).lsh_params() == (14, 9)
