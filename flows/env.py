@@ -21,6 +21,8 @@ OFFLINE_DEFAULTS = {
     # Prefect's temporary local server needs a little longer on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
     "PREFECT_LOGGING_LOG_PRINTS": "true",
+    # MLflow's per-file download bars would interleave with the pipeline's own progress.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

@@ -41,7 +41,6 @@ class FinetuneConfig(BaseModel):
     name: str = Field(default="domain", min_length=1, description="folder name under <root>/finetune/")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     train: LoRATrainConfig = Field(default_factory=LoRATrainConfig)
-    merge: bool = Field(default=True, description="register the merged model; adapters are kept either way")
     registered_model: str = Field(default="refinery-lm-finetuned", min_length=1)
     experiment: str = Field(default="refinery")
     data: dict[str, Any] = Field(
@@ -121,7 +120,6 @@ def finetune(
             "refinery.base_model": base,
             "refinery.base_input_digest": _base_tag(lineage, base, "refinery.input_digest"),
             "refinery.domain_digest": shards.output_digest,
-            "refinery.merged": str(cfg.merge).lower(),
         }.items():
             lineage.client.set_model_version_tag(name, version, key, value)
         status = "FINISHED"

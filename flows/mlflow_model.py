@@ -6,6 +6,7 @@ travel as artifacts; nothing is pickled but this small wrapper class.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,13 @@ def log_pyfunc_model(checkpoint_dir: Path, tokenizer_file: Path) -> Any:
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 32), ParamSpec("temperature", "double", 0.0)]),
     )
+    with warnings.catch_warnings():
+        # The signature is given explicitly, so MLflow's hints about inferring one are noise.
+        warnings.simplefilter("ignore", UserWarning)
+        return _log(checkpoint_dir, tokenizer_file, signature)
+
+
+def _log(checkpoint_dir: Path, tokenizer_file: Path, signature: ModelSignature) -> Any:
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=RefineryLM(),

@@ -126,7 +126,7 @@ def test_digest_chain_and_mlflow_lineage(first_run) -> None:
 
     root = first_run[0]
     manifests = [read_manifest(root / s) for s in STAGES]
-    for before, after in zip(manifests, manifests[1:]):
+    for before, after in zip(manifests[:-1], manifests[1:], strict=True):
         assert after.input_digest == before.output_digest, (before.stage, after.stage)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
