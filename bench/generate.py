@@ -1,0 +1,95 @@
+"""Decode throughput: Refinery's KV cache, no cache, and transformers `generate` on the exported weights.
+
+    python bench/generate.py [--new-tokens 512] [--batch 1] [--record]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ comes first on sys.path, where bench/tokenize.py would shadow the
+# standard library's tokenize module; drop it before anything imports inspect.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from refinery.model.export import llama_config, llama_state_dict  # noqa: E402
+from refinery.model.generate import generate  # noqa: E402
+from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    total = args.prompt_len + args.new_tokens
+    model = GPT(config_from_preset(args.preset, args.vocab_size, seq_len=total)).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # the exported weights, loaded as transformers would
+        save_file(llama_state_dict(model), f"{tmp}/model.safetensors")
+        cfg = {k: v for k, v in llama_config(model, None, None).items()}
+        transformers.LlamaConfig(**cfg).save_pretrained(tmp)
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    prompts = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len))
+    as_lists = prompts.tolist()
+    n_new = args.batch * args.new_tokens
+
+    def ours(use_cache: bool):
+        return lambda: generate(model, as_lists, args.new_tokens, temperature=0, use_cache=use_cache)
+
+    def theirs():
+        with torch.inference_mode():
+            hf.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
+    generate(model, as_lists, 8, temperature=0)  # warm-up
+    with torch.inference_mode():
+        hf.generate(prompts, max_new_tokens=8, do_sample=False)
+    cached = n_new / timed(ours(True))
+    uncached = n_new / timed(ours(False))
+    reference = n_new / timed(theirs)
+    table = "\n".join(
+        [
+            f"### decode, {args.preset} ({model.num_params() / 1e6:.1f}M params), batch {args.batch}, "
+            f"{args.new_tokens} new tokens, greedy, fp32, CPU",
+            "",
+            "| method | new tokens/s | ratio to transformers |",
+            "|---|---|---|",
+            f"| Refinery, KV cache | {cached:,.0f} | {cached / reference:.2f}x |",
+            f"| Refinery, no cache | {uncached:,.0f} | {uncached / reference:.2f}x |",
+            f"| transformers generate | {reference:,.0f} | 1.00x |",
+        ]
+    )
+    print(table)
+    if args.record:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+        machine = (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}, "
+                   f"transformers {transformers.__version__}")  # fmt: skip
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(f"\n{table}\n\nMachine: {machine}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Training-step throughput: Refinery's GPT against transformers' LlamaForCausalLM of the same shape.
+
+Same shape, batch, precision, optimizer (AdamW) and device; random tokens (speed only).
+
+    python bench/train.py [--precision bf16|fp32|both] [--steps 8] [--record]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ comes first on sys.path, where bench/tokenize.py would shadow the
+# standard library's tokenize module; drop it before anything imports inspect.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from refinery.model.export import llama_config  # noqa: E402
+from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
+
+
+def hf_twin(model: GPT) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(**{k: v for k, v in llama_config(model, None, None).items() if k != "architectures"})
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tokens_per_s(step, batch_tokens: int, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch_tokens * steps / (time.perf_counter() - t0)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, precision: str, ours: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def step() -> None:
+        with autocast():
+            loss = model(x, x)[1] if ours else model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--precision", choices=["bf16", "fp32", "both"], default="both")
+    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    ours = GPT(config_from_preset(args.preset, args.vocab_size, seq_len=args.seq_len))
+    hf = hf_twin(ours)
+    x = torch.randint(0, args.vocab_size, (args.batch, args.seq_len))
+    n = args.batch * args.seq_len
+    rows = []
+    for precision in ["bf16", "fp32"] if args.precision == "both" else [args.precision]:
+        r = tokens_per_s(make_step(ours, x, precision, True), n, args.steps)
+        h = tokens_per_s(make_step(hf, x, precision, False), n, args.steps)
+        rows.append(f"| {precision} | {r:,.0f} | {h:,.0f} | {r / h:.2f}x |")
+    table = "\n".join(
+        [
+            f"### train step, {args.preset} ({ours.num_params() / 1e6:.1f}M params), batch {args.batch}x{args.seq_len}, "
+            f"AdamW, CPU",
+            "",
+            "| precision | Refinery tokens/s | transformers Llama tokens/s | ratio |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print(table)
+    if args.record:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+        machine = (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}, "
+                   f"transformers {transformers.__version__}")  # fmt: skip
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(f"\n{table}\n\nMachine: {machine}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Sampling with a pre-allocated KV cache: batched prompts, temperature, top-k, top-p, streaming.
+
+Prompts of different lengths are left-padded; each row then gets its own RoPE
+positions and a key mask hiding its padding, so a row decodes exactly as it would
+alone. The cache holds `max prompt + max_new_tokens` positions from the start, so
+decoding allocates nothing per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from refinery.model.gpt import GPT, KVCache
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest nucleus of mass top_p."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """New tokens for each prompt (prompt excluded, end-of-text excluded).
+
+    `temperature=0` is greedy. A row stops at `eos_id` or after `max_new_tokens`;
+    `on_token(row, token)` is called for each new token as it is chosen.
+    `use_cache=False` recomputes the whole sequence each step (for testing the cache).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start with the end-of-text id for no prompt)")
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0 (0 is greedy)")
+    device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    B, P = len(prompts), max(lengths)
+    total = P + max_new_tokens
+    if total > model.cfg.seq_len:
+        raise ValueError(
+            f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model context {model.cfg.seq_len}"
+        )
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    # Left-pad into one (B, total) buffer; `valid` marks real tokens, `positions` counts them per row.
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+    valid = torch.zeros(B, total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        valid[i, P - len(p) :] = True
+    padded = min(lengths) != P
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0) if padded else None
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+
+    def mask_for(q_from: int, q_to: int) -> torch.Tensor | None:
+        """(B, 1, q, k) which keys each query sees: causal and not padding; None when nothing is padded."""
+        if not padded:
+            return None
+        return (causal[q_from:q_to, :q_to][None] & valid[:, None, :q_to]).unsqueeze(1)
+
+    model_was_training = model.training
+    model.eval()
+    cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype) if use_cache else None
+    out: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    cur = P
+    try:
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                start = cache.pos
+                idx = tokens[:, start:cur]
+                pos = positions[:, start:cur] if positions is not None else None
+                logits, _ = model(idx, cache=cache, positions=pos, mask=mask_for(start, cur))
+            else:
+                pos = positions[:, :cur] if positions is not None else None
+                logits, _ = model(tokens[:, :cur], positions=pos, mask=mask_for(0, cur))
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_tok = logits.argmax(-1)
+            else:
+                probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tokens[:, cur] = next_tok
+            cur += 1
+            for row, tok in enumerate(next_tok.tolist()):
+                if finished[row]:
+                    continue
+                if tok == eos_id:
+                    finished[row] = True
+                    continue
+                out[row].append(tok)
+                if on_token is not None:
+                    on_token(row, tok)
+            if all(finished):
+                break
+    finally:
+        model.train(model_was_training)
+    return out

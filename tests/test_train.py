@@ -1,0 +1,194 @@
+"""The training loop: outputs, accumulation, exact resume after SIGKILL, and DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from refinery.model.checkpoint import load_model, load_train_state
+from refinery.model.evaluate import unigram_loss
+from refinery.model.train import TrainConfig, lr_at, train
+from refinery.storage.shards import TokenWindows, map_tokens, write_token_shard
+
+VOCAB = 64
+SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def shards(tmp_path) -> tuple[Path, Path]:
+    """Documents that count upward in strides, so the next token is predictable from context."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(120):
+        start, stride, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 90)
+        docs.append(((start + stride * np.arange(n)) % (VOCAB - 1)).astype(np.uint16).tolist() + [VOCAB - 1])
+    ids = [f"d{i}" for i in range(len(docs))]
+    write_token_shard(tmp_path / "train.arrow", ids[:100], [np.array(d) for d in docs[:100]], VOCAB)
+    write_token_shard(tmp_path / "val.arrow", ids[100:], [np.array(d) for d in docs[100:]], VOCAB)
+    return tmp_path / "train.arrow", tmp_path / "val.arrow"
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(
+        preset="test", seq_len=SEQ, micro_batch_size=4, tokens_per_step=4 * SEQ, max_steps=12, lr=3e-3,
+        warmup_steps=2, eval_every=4, eval_batches=2, checkpoint_every=4, precision="fp32", device="cpu",
+        max_time_s=None,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def run(cfg: TrainConfig, shards, out: Path, **kwargs):
+    train_path, val_path = shards
+    return train(cfg, VOCAB, TokenWindows([train_path], SEQ, seed=cfg.seed), TokenWindows([val_path], SEQ), out,
+                 progress=False, **kwargs)  # fmt: skip
+
+
+def losses(metrics_file: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_config_rejects_bad_values_naming_the_key(shards, tmp_path):
+    with pytest.raises(ValidationError, match="micro_batch_size"):
+        TrainConfig(micro_batch_size=0)
+    with pytest.raises(ValidationError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValidationError, match="learning_rate"):
+        TrainConfig(learning_rate=1e-3)
+    with pytest.raises(ValidationError, match="preset"):
+        TrainConfig(preset="giant")
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        run(config(tokens_per_step=100), shards, tmp_path / "out")
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_training_writes_outputs_and_beats_the_unigram_baseline(shards, tmp_path):
+    seen: list[tuple[int, dict]] = []
+    cfg = config(max_steps=40, eval_every=20, checkpoint_every=20, precision="bf16")
+    result = run(cfg, shards, tmp_path / "out", on_metrics=lambda s, m: seen.append((s, m)), bytes_per_token=2.0)
+    assert result.steps == 40 and result.tokens_seen == 40 * 4 * SEQ
+    assert [s for s, _ in seen] == list(range(1, 41))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "flops_per_s", "mfu"} <= set(seen[0][1])
+    assert "val_loss" in seen[19][1] and "val_bpb" in seen[39][1] and "val_loss" not in seen[0][1]
+    for name in ("model.safetensors", "config.json", "train_state.pt"):
+        assert (result.checkpoint_dir / name).is_file()
+    assert result.loss_curve.read_bytes()[:4] == b"\x89PNG"
+    assert len(losses(result.metrics_file)) == 40
+    state = load_train_state(result.checkpoint_dir)
+    assert state["step"] == 40 and state["loader"]["step"] == 40
+    train_tokens, val_tokens = (np.concatenate(map_tokens([p])) for p in shards)
+    assert result.val_loss < unigram_loss(train_tokens, val_tokens, VOCAB) - 0.5
+    model = load_model(result.checkpoint_dir)
+    assert model.num_params() == result.num_params
+
+
+def test_gradient_accumulation_matches_one_large_batch(shards, tmp_path):
+    one = run(config(micro_batch_size=8, tokens_per_step=8 * SEQ, max_steps=5), shards, tmp_path / "a")
+    accumulated = run(config(micro_batch_size=2, tokens_per_step=8 * SEQ, max_steps=5), shards, tmp_path / "b")
+    a, b = losses(one.metrics_file), losses(accumulated.metrics_file)
+    np.testing.assert_allclose([loss for _, loss in a], [loss for _, loss in b], rtol=1e-5)
+    wa, wb = load_model(one.checkpoint_dir), load_model(accumulated.checkpoint_dir)
+    for (name, pa), pb in zip(wa.named_parameters(), wb.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def run_process(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group, so a hang takes its children down with it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from pathlib import Path
+    import torch
+    torch.set_num_threads(1)
+    from refinery.model.train import TrainConfig, train
+    from refinery.storage.shards import TokenWindows
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    train_path, val_path, out, kill_at = sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5])
+
+    def on_metrics(step, metrics):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train(cfg, 64, TokenWindows([train_path], cfg.seq_len, seed=cfg.seed), TokenWindows([val_path], cfg.seq_len),
+          out, on_metrics=on_metrics, progress=False)
+    """
+)
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_losses_exactly(shards, tmp_path):
+    cfg = config(max_steps=12, checkpoint_every=4)
+    reference = losses(run(cfg, shards, tmp_path / "ref").metrics_file)
+
+    out = tmp_path / "killed"
+    proc = run_process(
+        [sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json(), str(shards[0]), str(shards[1]), str(out), "7"],
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert load_train_state(out / "checkpoint")["step"] == 4  # the kill came after the step-4 checkpoint
+    assert [s for s, _ in losses(out / "metrics.jsonl")] == list(range(1, 7))  # step 7 died before its log line
+
+    resumed = run(cfg, shards, out)
+    assert resumed.steps == 12
+    assert losses(resumed.metrics_file) == reference  # bit-identical, steps 1-4 kept and 5-12 recomputed
+
+
+def test_an_incompatible_checkpoint_is_not_resumed(shards, tmp_path):
+    run(config(max_steps=4), shards, tmp_path / "out")
+    result = run(config(max_steps=4, lr=1e-3), shards, tmp_path / "out")
+    assert [s for s, _ in losses(result.metrics_file)] == [1, 2, 3, 4]  # started afresh, not appended
+
+
+def test_two_process_ddp_on_cpu_agrees_with_one_process(shards, tmp_path):
+    cfg = config(micro_batch_size=2, tokens_per_step=8 * SEQ, max_steps=6, eval_every=3, checkpoint_every=3)
+    single = losses(run(cfg, shards, tmp_path / "single").metrics_file)
+
+    config_file = tmp_path / "train.json"
+    config_file.write_text(cfg.model_dump_json())
+    proc = run_process(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "refinery.model.train", "--train", str(shards[0]), "--val", str(shards[1]),
+         "--vocab-size", str(VOCAB), "--out", str(tmp_path / "ddp"), "--config", str(config_file), "--no-progress"],
+        timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = losses(tmp_path / "ddp" / "metrics.jsonl")
+    assert [s for s, _ in ddp] == [s for s, _ in single]
+    np.testing.assert_allclose([loss for _, loss in ddp], [loss for _, loss in single], rtol=1e-5)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 6
