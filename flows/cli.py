@@ -179,21 +179,21 @@ def generate(
         typer.Option(help="Checkpoint folder, or models:/NAME/VERSION, or runs:/RUN_ID/model. Default: the run root's trained model."),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 decodes greedily.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(min=1)] = 50,
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = 0.95,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize linear layers to int8 weights (a quarter of the memory).")] = False,
     seed: int = 0,
 ) -> None:
     """Generate text with a trained model, streaming tokens to the terminal (KV-cached decoding)."""
     configure_environment(root)
-    from tokenizers import Tokenizer
-
-    from refinery.model.checkpoint import load_model
+    from refinery.flows.server import load_for_serving
     from refinery.model.generate import generate as gen
 
-    checkpoint, tokenizer_file = _resolve_model(model, Path(root))
-    net = load_model(checkpoint, device="cpu")
-    tok = Tokenizer.from_file(str(tokenizer_file))
+    try:
+        net, tok = load_for_serving(model, root=root, int8=int8)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
     eot = tok.token_to_id("<|endoftext|>")
     typer.echo(prompt, nl=False)
     produced: list[int] = []
@@ -213,32 +213,26 @@ def generate(
     typer.echo("")
 
 
-def _resolve_model(model: str | None, root: Path) -> tuple[Path, Path]:
-    """(checkpoint dir, tokenizer.json) for a local folder, a run root, or an MLflow model URI."""
-    if model and (model.startswith("models:/") or model.startswith("runs:/")):
-        import mlflow
+@app.command("serve-model")
+def serve_model(
+    root: RootOpt = DEFAULT_ROOT,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint folder, or models:/NAME/VERSION, or runs:/RUN_ID/model. Default: the run root's trained model."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: int = 8000,
+    int8: Annotated[bool, typer.Option("--int8", help="Serve with int8 weights.")] = False,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder to apply (merged into the weights).")] = None,
+) -> None:
+    """Serve a model over HTTP: POST /v1/completions (OpenAI completions shape; stream=true for server-sent events), GET /health."""
+    configure_environment(root)
+    from refinery.flows.server import run as run_server
 
-        from refinery.storage.layout import RunLayout
-
-        mlflow.set_tracking_uri(RunLayout.at(root).mlflow_tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-        checkpoints = [p.parent for p in local.rglob("model.safetensors")]
-        tokenizers = list(local.rglob("tokenizer.json"))
-        if not checkpoints or not tokenizers:
-            _fail(f"{model} holds no Refinery checkpoint and tokenizer")
-        return checkpoints[0], tokenizers[0]
-    if model:
-        path = Path(model)
-        tok = path / "tokenizer.json"
-        if not tok.is_file():
-            tok = root / "tokenizer" / "tokenizer.json"
-        return path, tok
-    from refinery.storage.manifest import read_manifest
-
-    train = read_manifest(root / "train")
-    if train is None:
-        _fail(f"no trained model under {root.resolve()}; run `refinery run --root {root}` first or pass --model")
-    return root / "train" / train.extra["checkpoint_dir"], root / "tokenizer" / "tokenizer.json"
+    try:
+        run_server(model, host=host, port=port, int8=int8, root=root, adapter=adapter)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -53,7 +53,7 @@ class RefineryLM(PythonModel):
 def log_pyfunc_model(checkpoint_dir: Path, tokenizer_file: Path) -> Any:
     """Log into the active run; returns MLflow's ModelInfo."""
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
+        inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 32), ParamSpec("temperature", "double", 0.0)]),
     )

@@ -2,7 +2,7 @@
 
 Views (created only where the files exist): `ingest`, `dedup`, `filter` (each
 stage's kept documents), `dropped` (every stage's dropped documents, with the
-stage and reason), `quarantine` (unreadable raw files), `shard_stats` (tokens
+stage and reason; ingest's are its quarantine rows), `quarantine` (unreadable raw files), `shard_stats` (tokens
 per document), `manifests` (one row per completed stage).
 """
 
@@ -39,9 +39,14 @@ class Catalog:
     def _register(self) -> None:
         for stage in ("ingest", "dedup", "filter"):
             self._view(stage, sorted(self.layout.stage_dir(stage).glob("part-*.parquet")))
-        dropped = [self.layout.stage_dir(s) / "dropped.parquet" for s in STAGES]
-        self._view("dropped", dropped, union=True)
         self._view("quarantine", [self.layout.stage_dir("ingest") / "quarantine.parquet"])
+        dropped = [p for p in (self.layout.stage_dir(s) / "dropped.parquet" for s in STAGES) if p.is_file()]
+        parts = [f"select id, source, stage, reason, detail from read_parquet({_sql_list(dropped)}, union_by_name = true)"] if dropped else []
+        if "quarantine" in self.views:  # ingest's dropped records are its quarantine rows
+            parts.append("select null::varchar as id, source, 'ingest' as stage, reason, error as detail from quarantine")
+        if parts:
+            self.con.execute("create or replace view dropped as " + " union all ".join(parts))
+            self.views.append("dropped")
         self._view("shard_stats", [self.layout.stage_dir("shards") / "stats.parquet"])
         rows = []
         for stage in STAGES:

@@ -114,6 +114,11 @@ def test_counts_add_up_and_dropped_tables_match(first_run) -> None:
         for row in dropped:
             by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
         assert by_reason == manifests[stage].counts.dropped, stage
+    # `refinery inspect`'s dropped view sees every dropped document of the document stages
+    from refinery.storage.catalog import Catalog
+
+    seen = dict(Catalog(root).query("select stage, count(*) from dropped group by 1").fetchall())
+    assert seen == {s: manifests[s].counts.dropped_total for s in ("ingest", "dedup", "filter") if manifests[s].counts.dropped_total}
     # the planted duplicates and low-quality documents gave every curation stage work
     assert manifests["ingest"].counts.dropped_total > 0
     assert manifests["dedup"].counts.dropped.get("exact_duplicate", 0) > 0
