@@ -321,22 +321,43 @@ def _register_model(ctx: RunContext, train: Manifest, evaluation: Manifest | Non
 
 
 def _make_executor(cfg: PipelineConfig) -> tuple[Any, Callable[[], None]]:
-    """None for in-process maps, or a Dask executor (an existing cluster by address, else a local one)."""
+    """None for in-process maps, or an executor whose maps run on Dask workers, and how to close it.
+
+    With `execution.executor: dask` the cluster comes from prefect-dask's `DaskTaskRunner`: the
+    flow's own runner when it was started with one (`data_to_model.with_options(task_runner=...)`),
+    else one built here, connected to `execution.dask_address` or, without an address, starting a
+    local cluster of two worker processes. The stages get a `distributed` client's executor, so their
+    per-batch maps (parsing, signatures, filter signals, encoding) run on the workers; everything else
+    (reading manifests, writing outputs) stays in this process.
+    """
     if cfg.execution.executor == "local":
         return None, lambda: None
-    from distributed import Client, LocalCluster
+    from contextlib import ExitStack
 
-    if cfg.execution.dask_address:
-        client = Client(cfg.execution.dask_address)
-        return client.get_executor(), client.close
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
-    client = Client(cluster)
+    from distributed import Client
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
 
-    def close() -> None:
-        client.close()
-        cluster.close()
-
-    return client.get_executor(), close
+    stack = ExitStack()
+    flow_ctx = FlowRunContext.get()
+    runner = flow_ctx.task_runner if flow_ctx is not None else None
+    if not isinstance(runner, DaskTaskRunner):
+        address = cfg.execution.dask_address
+        runner = stack.enter_context(
+            DaskTaskRunner(address=address)
+            if address
+            else DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+        )
+    try:
+        scheduler = runner.client.scheduler.address
+        client = stack.enter_context(Client(scheduler, set_as_default=False))
+    except Exception as exc:
+        stack.close()
+        raise RuntimeError(
+            f"could not reach the Dask scheduler ({cfg.execution.dask_address or 'local cluster'}): {exc}; "
+            "check execution.dask_address (e.g. tcp://10.0.0.5:8786), or set execution.executor=local"
+        ) from exc
+    return client.get_executor(), stack.close
 
 
 @flow(name="data_to_model", log_prints=True)

@@ -17,7 +17,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "$VENV/bin/python" -m pip install -q -e ".[${REFINERY_EXTRAS:-test}]"
 # OCR for images and scanned PDFs: Tesseract and Poppler from the system packages where we may install them.
-if ! command -v tesseract >/dev/null 2>&1; then
+if ! command -v tesseract >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get install -y -q tesseract-ocr poppler-utils >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tesseract-ocr poppler-utils >/dev/null 2>&1)) \
       || echo "note: could not install tesseract-ocr; image files will be quarantined with reason ocr_unavailable"
