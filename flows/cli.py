@@ -236,6 +236,42 @@ def serve_model(
 
 
 @app.command()
+def finetune(
+    base: Annotated[str, typer.Option(help="Base model: models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint folder.")],
+    source: Annotated[list[str], typer.Option("--source", "-s", help="Domain folder, file or URI; repeatable.")],
+    root: RootOpt = DEFAULT_ROOT,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML: lora:, train:, data:, name:, registered_model:.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one value, e.g. --set lora.rank=16; repeatable.")] = None,
+) -> None:
+    """Adapt a trained model to a domain folder with LoRA; registers the result as a new model version.
+
+    The domain documents go through the same ingest, dedup, filter and shards
+    stages, with the base model's tokenizer, under <root>/finetune/<name>/.
+    """
+    configure_environment(root)
+    import yaml
+
+    from refinery.flows.config import ConfigError, parse_override
+    from refinery.flows.finetune import FinetuneConfig
+    from refinery.flows.finetune import finetune as finetune_flow
+
+    tree: dict = yaml.safe_load(config.read_text()) if config else {}
+    try:
+        for item in set_ or []:
+            keys, value = parse_override(item)
+            node = tree
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+        cfg = FinetuneConfig.model_validate(tree)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    summary = finetune_flow(base=base, sources=source, root=str(Path(root).resolve()), config=cfg.model_dump(mode="json"))
+    typer.echo(f"validation loss on the domain set: {summary['val_loss_before']:.4f} -> {summary['val_loss']:.4f}")
+    typer.echo(f"adapters in {summary['adapter_dir']}; merged model registered as {summary['model']['uri']}")
+
+
+@app.command()
 def ui(
     root: RootOpt = DEFAULT_ROOT,
     print_only: Annotated[bool, typer.Option("--print", help="Only print the commands, start nothing.")] = False,

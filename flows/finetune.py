@@ -93,8 +93,8 @@ def finetune(
     )
     status = "FAILED"
     try:
-        lineage._log_dataset(run_id, "base-model", [str(checkpoint)], _base_digest(lineage, base), "base_model")
-        lineage._log_dataset(run_id, "domain-shards", [str(shards_dir)], shards.output_digest, "training")
+        lineage.log_dataset(run_id, "base-model", [str(checkpoint)], _base_digest(lineage, base), "base_model")
+        lineage.log_dataset(run_id, "domain-shards", [str(shards_dir)], shards.output_digest, "training")
         result = train_lora(
             model, cfg.lora, TokenWindows(train_files, seq_len, seed=cfg.train.seed), TokenWindows(val_files, seq_len),
             work / "adapter", cfg.train, on_metrics=lambda step, m: lineage.log_metrics(run_id, m, step),

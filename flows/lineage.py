@@ -59,7 +59,7 @@ class Lineage:
 
     # -- runs -----------------------------------------------------------------
     def start_pipeline(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "refinery.kind": "pipeline"})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"refinery.kind": "pipeline", **tags})
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
         return self.parent_run_id
@@ -105,8 +105,8 @@ class Lineage:
                 RunTag("refinery.config_hash", manifest.config_hash),
             ],
         )
-        self._log_dataset(run_id, f"{manifest.stage}-input", input_sources, manifest.input_digest, "input")
-        self._log_dataset(run_id, f"{manifest.stage}-output", [output_source], manifest.output_digest, "output")
+        self.log_dataset(run_id, f"{manifest.stage}-input", input_sources, manifest.input_digest, "input")
+        self.log_dataset(run_id, f"{manifest.stage}-output", [output_source], manifest.output_digest, "output")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "manifest.json"
             path.write_text(manifest.model_dump_json(indent=2, by_alias=True))
@@ -157,7 +157,8 @@ class Lineage:
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i : i + 90])
 
-    def _log_dataset(self, run_id: str, name: str, sources: list[str], digest: str, context: str) -> None:
+    def log_dataset(self, run_id: str, name: str, sources: list[str], digest: str, context: str) -> None:
+        """Record a dataset (by source URI and digest) as an input of a run, under a context such as `input`."""
         source_uri = sources[0] if len(sources) == 1 else os.path.commonpath(sources) if sources else "unknown"
         try:
             source = resolve_dataset_source(source_uri)

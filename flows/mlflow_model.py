@@ -20,7 +20,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 class RefineryLM(PythonModel):
     """Generates a completion for each prompt (greedy unless `temperature` is given in params)."""
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context) -> None:  # noqa: ANN001
         from tokenizers import Tokenizer
 
         from refinery.model.checkpoint import load_model
@@ -29,7 +29,7 @@ class RefineryLM(PythonModel):
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
         self.eot_id = self.tokenizer.token_to_id("<|endoftext|>")
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow reads type hints as a schema
         from refinery.model.generate import generate
 
         params = params or {}
@@ -66,7 +66,7 @@ def log_pyfunc_model(checkpoint_dir: Path, tokenizer_file: Path) -> Any:
 def _log(checkpoint_dir: Path, tokenizer_file: Path, signature: ModelSignature) -> Any:
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=RefineryLM(),
+        python_model=str(Path(__file__).with_name("mlflow_entry.py")),
         artifacts={"checkpoint": str(checkpoint_dir), "tokenizer": str(tokenizer_file)},
         signature=signature,
         pip_requirements=["refinery", "torch", "tokenizers", "safetensors"],

@@ -210,3 +210,36 @@ def test_second_run_skips_and_threshold_change_reruns_from_filter(first_run) -> 
     after = read_manifest(root / "filter")
     assert after.counts.kept < before["filter"].counts.kept
     assert after.input_digest == before["dedup"].output_digest
+
+
+def test_finetune_adapts_the_registered_model(first_run, tmp_path) -> None:
+    """LoRA on a domain folder: the base checkpoint is untouched, a new version is registered with lineage."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from refinery.storage.manifest import file_sha256
+
+    root, corpus, _, _ = first_run
+    domain = tmp_path / "domain"
+    shutil.copytree(corpus / "code", domain)
+    base_weights = root / "train" / read_manifest(root / "train").extra["checkpoint_dir"] / "model.safetensors"
+    before = file_sha256(base_weights)
+    cmd = [sys.executable, "-m", "refinery", "finetune", "--base", "models:/refinery-lm/1", "--source", str(domain),
+           "--root", str(root), "--set", "train.max_steps=20", "--set", "train.eval_every=10",
+           "--set", "data.shards.val_fraction=0.2"]
+    proc = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert "models:/refinery-lm-finetuned/1" in proc.stdout
+    assert file_sha256(base_weights) == before
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    mv = client.get_model_version("refinery-lm-finetuned", "1")
+    domain_shards = read_manifest(root / "finetune" / "domain" / "data" / "shards")
+    assert mv.tags["refinery.base_model"] == "models:/refinery-lm/1"
+    assert mv.tags["refinery.domain_digest"] == domain_shards.output_digest
+    assert mv.tags["refinery.base_input_digest"] == read_manifest(root / "train").input_digest
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["refinery.kind"] == "finetune"
+    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
+    assert contexts == {"base_model", "training"}
