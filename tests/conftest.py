@@ -20,3 +20,17 @@ for key, value in {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }.items():
     os.environ.setdefault(key, value)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run a test with torch on one thread (restored after): tiny matmuls are fastest that way."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,8 @@ from refinery.model.checkpoint import load_model, save_checkpoint  # noqa: E402
 from refinery.model.export import export_hf_llama  # noqa: E402
 from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny matmuls are fastest, and steadiest on a shared machine, on one thread.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_tokenizer(path, vocab_size: int) -> int:

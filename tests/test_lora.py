@@ -29,12 +29,8 @@ VOCAB = 64
 SEQ = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny matmuls are fastest, and steadiest on a shared machine, on one thread.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _docs(seed: int, strides: tuple[int, ...], n_docs: int) -> list[np.ndarray]:

@@ -14,14 +14,8 @@ from refinery.model.evaluate import bits_per_byte, unigram_loss
 from refinery.model.generate import generate
 from refinery.model.gpt import GPT, PRESETS, GPTConfig, KVCache, config_from_preset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny matmuls are fastest, and steadiest on a shared machine, on one thread.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(vocab: int = 97, **overrides) -> GPT:

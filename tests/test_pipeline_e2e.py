@@ -238,7 +238,8 @@ def test_finetune_adapts_the_registered_model(first_run, tmp_path) -> None:
     domain_shards = read_manifest(root / "finetune" / "domain" / "data" / "shards")
     assert mv.tags["refinery.base_model"] == "models:/refinery-lm/1"
     assert mv.tags["refinery.domain_digest"] == domain_shards.output_digest
-    assert mv.tags["refinery.base_input_digest"] == read_manifest(root / "train").input_digest
+    base = client.get_model_version("refinery-lm", "1")
+    assert mv.tags["refinery.base_input_digest"] == base.tags["refinery.input_digest"]
     run = client.get_run(mv.run_id)
     assert run.data.tags["refinery.kind"] == "finetune"
     contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}

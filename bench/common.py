@@ -1,0 +1,37 @@
+"""What every benchmark shares: a one-line description of the machine, and recording results."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine(*packages: str) -> str:
+    """Cores, CPU model, Python and the versions of the given distributions."""
+    versions = []
+    for name in packages:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    return ", ".join([f"{os.cpu_count()} cores", cpu_model(), f"Python {platform.python_version()}", *versions])
+
+
+def record(text: str, *packages: str) -> None:
+    """Append a result block and the machine it ran on to bench/RESULTS.md."""
+    with open(RESULTS, "a", encoding="utf-8") as f:
+        f.write(f"\n{text.rstrip()}\n\nMachine: {machine(*packages)}\n")
