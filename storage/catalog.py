@@ -2,7 +2,8 @@
 
 Views (created only where the files exist): `ingest`, `dedup`, `filter` (each
 stage's kept documents), `dropped` (every stage's dropped documents, with the
-stage and reason; ingest's are its quarantine rows), `quarantine` (unreadable raw files), `shard_stats` (tokens
+stage and reason; ingest's are its quarantine rows), `quarantine` (unreadable raw files), `signals` (the filter's quality
+signals for every document it saw, kept or dropped), `shard_stats` (tokens
 per document), `manifests` (one row per completed stage).
 """
 
@@ -40,6 +41,7 @@ class Catalog:
         for stage in ("ingest", "dedup", "filter"):
             self._view(stage, sorted(self.layout.stage_dir(stage).glob("part-*.parquet")))
         self._view("quarantine", [self.layout.stage_dir("ingest") / "quarantine.parquet"])
+        self._view("signals", sorted(self.layout.stage_dir("filter").glob("signals-*.parquet")))
         dropped = [p for p in (self.layout.stage_dir(s) / "dropped.parquet" for s in STAGES) if p.is_file()]
         parts = [f"select id, source, stage, reason, detail from read_parquet({_sql_list(dropped)}, union_by_name = true)"] if dropped else []
         if "quarantine" in self.views:  # ingest's dropped records are its quarantine rows
