@@ -28,7 +28,9 @@ class TrackingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<root>/mlflow.db")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db"
+    )
     experiment: str = "refinery"
     registered_model: str = "refinery-lm"
 

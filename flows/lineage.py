@@ -51,8 +51,12 @@ class Lineage:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            location = artifact_root if "://" in str(artifact_root) else Path(artifact_root).resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=str(location))
+            # An embedded (SQLite) store keeps artifacts inside the run root; a tracking server decides
+            # for itself (e.g. MinIO behind `mlflow server --artifacts-destination s3://...`).
+            location = None
+            if not tracking_uri.startswith(("http://", "https://", "databricks")):
+                location = str(artifact_root if "://" in str(artifact_root) else Path(artifact_root).resolve().as_uri())
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
         self.parent_run_id: str | None = None

@@ -9,6 +9,7 @@ last, publishes a Prefect artifact and logs a nested MLflow run.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 import traceback
@@ -376,9 +377,8 @@ def data_to_model(
     selected, forced = select_stages(stages, from_stage)
     if force:
         forced = set(selected)
-    lineage = Lineage(
-        cfg.tracking.mlflow_uri or layout.mlflow_tracking_uri, cfg.tracking.experiment, layout.mlflow_artifacts
-    )
+    tracking_uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or layout.mlflow_tracking_uri
+    lineage = Lineage(tracking_uri, cfg.tracking.experiment, layout.mlflow_artifacts)
     from prefect.runtime import flow_run
 
     parent = lineage.start_pipeline(

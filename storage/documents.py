@@ -14,7 +14,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -55,22 +57,48 @@ QUARANTINE_SCHEMA = pa.schema(
 FORMATS = ("text", "code", "markdown", "html", "pdf", "docx", "pptx", "image", "jsonl", "parquet", "warc")
 
 
+MAX_GROUP_BYTES = 64 * 2**20
+
+
+def _row_bytes(table: pa.Table) -> np.ndarray:
+    """Approximate bytes of each row: the lengths of its string and binary values (the bulk of a document)."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        t = column.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+    return sizes
+
+
 class ParquetWriter:
-    """Writes record batches to one Parquet file atomically.
+    """Writes record batches to one Parquet file atomically, in row groups fixed by the rows alone.
 
     The schema is fixed by the first batch (or `schema`); batches are cast to
-    it. `close()` renames the temporary file into place and returns its
+    it. Rows are buffered and cut into row groups of `row_group_size` rows, or
+    fewer where their text passes `MAX_GROUP_BYTES`: the cut depends on the rows,
+    not on how they were batched into `write` calls, so the same rows always
+    give the same bytes (a resumed run writes exactly what an uninterrupted one
+    would). `close()` renames the temporary file into place and returns its
     manifest entry; an empty writer still produces a valid, empty file so that
     downstream readers never special-case "no file".
     """
 
-    def __init__(self, path: str | os.PathLike[str], schema: pa.Schema | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        schema: pa.Schema | None = None,
+        row_group_size: int = ROW_GROUP_SIZE,
+    ) -> None:
         self.path = Path(path)
         self.schema = schema
+        self.row_group_size = row_group_size
         self.rows = 0
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
         self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
 
     def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
         self.schema = schema
@@ -83,20 +111,41 @@ class ParquetWriter:
             data = pa.Table.from_pylist(list(data), schema=self.schema)
         if isinstance(data, pa.RecordBatch):
             data = pa.Table.from_batches([data])
-        if data.num_rows == 0 and self._writer is not None:
-            return
         if self._writer is None:
             self._writer = self._open(self.schema or data.schema)
+        if data.num_rows == 0:
+            return
         if data.schema != self.schema:
             data = data.select(self.schema.names).cast(self.schema)
-        self._writer.write_table(data, row_group_size=ROW_GROUP_SIZE)
+        self._pending.append(data)
+        self._pending_rows += data.num_rows
+        self._pending_bytes += int(_row_bytes(data).sum())
         self.rows += data.num_rows
+        while self._pending_rows >= self.row_group_size or self._pending_bytes >= MAX_GROUP_BYTES:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        """Write the next row group from the buffer: `row_group_size` rows or up to the byte bound."""
+        table = pa.concat_tables(self._pending).combine_chunks()
+        sizes = _row_bytes(table)
+        n = min(self.row_group_size, table.num_rows)
+        over = np.nonzero(np.cumsum(sizes[:n]) > MAX_GROUP_BYTES)[0]
+        if len(over):
+            n = max(1, int(over[0]))
+        assert self._writer is not None
+        self._writer.write_table(table.slice(0, n), row_group_size=n)
+        rest = table.slice(n)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+        self._pending_bytes = int(sizes[n:].sum())
 
     def close(self, stage_dir: str | os.PathLike[str] | None = None) -> OutputFile:
         if self._writer is None:
             if self.schema is None:
                 raise ValueError(f"{self.path}: no schema known for an empty file")
             self._writer = self._open(self.schema)
+        while self._pending_rows:
+            self._flush_group()
         self._writer.close()
         self._ctx.__exit__(None, None, None)
         base = Path(stage_dir) if stage_dir is not None else self.path.parent
@@ -126,8 +175,9 @@ class ParquetWriter:
 class PartWriter:
     """Writes a table as numbered part files (`part-00000.parquet`, ...).
 
-    Rolls to a new part every `rows_per_part` rows, so very large stages stay
-    as files of manageable size. Each part is atomic on its own.
+    Starts a new part every `rows_per_part` rows exactly (incoming batches are
+    split at the boundary), so very large stages stay as files of manageable
+    size and the split does not depend on batching. Each part is atomic on its own.
     """
 
     def __init__(
@@ -136,28 +186,41 @@ class PartWriter:
         schema: pa.Schema | None = None,
         prefix: str = "part",
         rows_per_part: int = 500_000,
+        row_group_size: int = ROW_GROUP_SIZE,
     ) -> None:
         self.directory = Path(directory)
         self.schema = schema
         self.prefix = prefix
         self.rows_per_part = rows_per_part
+        self.row_group_size = row_group_size
         self.outputs: list[OutputFile] = []
         self._current: ParquetWriter | None = None
         self._stage_dir = self.directory
 
     def _next(self) -> ParquetWriter:
         name = f"{self.prefix}-{len(self.outputs):05d}.parquet"
-        return ParquetWriter(self.directory / name, schema=self.schema)
+        return ParquetWriter(self.directory / name, schema=self.schema, row_group_size=self.row_group_size)
 
     def write(self, data: pa.RecordBatch | pa.Table | Sequence[dict[str, Any]]) -> None:
-        if self._current is None:
-            self._current = self._next()
-        self._current.write(data)
-        if self.schema is None:
-            self.schema = self._current.schema
-        if self._current.rows >= self.rows_per_part:
-            self.outputs.append(self._current.close(self._stage_dir))
-            self._current = None
+        if isinstance(data, Sequence) and not isinstance(data, (pa.RecordBatch, pa.Table)):
+            if not data:
+                return
+            data = pa.Table.from_pylist(list(data), schema=self.schema)
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        while True:
+            if self._current is None:
+                self._current = self._next()
+            room = self.rows_per_part - self._current.rows
+            head, data = data.slice(0, room), data.slice(room)
+            self._current.write(head)
+            if self.schema is None:
+                self.schema = self._current.schema
+            if self._current.rows >= self.rows_per_part:
+                self.outputs.append(self._current.close(self._stage_dir))
+                self._current = None
+            if data.num_rows == 0:
+                return
 
     @property
     def rows(self) -> int:

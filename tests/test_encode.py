@@ -36,7 +36,7 @@ def write_corpus(directory: Path, n: int, seed: int = 0) -> tuple[list[Path], di
             text += f" quoting {EOT} inside"
         rows.append({"id": f"d{i:05d}", "text": text, "source": f"raw/f{i % 5}.txt#{i}",
                      "format": ["text", "code", "html"][i % 3], "bytes": len(text), "meta": "{}"})
-    writer = PartWriter(directory, schema=DOCUMENT_SCHEMA, rows_per_part=400)
+    writer = PartWriter(directory, schema=DOCUMENT_SCHEMA, rows_per_part=400, row_group_size=100)
     for start in range(0, n, 100):  # several row groups per part file
         writer.write(pa.Table.from_pylist(rows[start : start + 100], schema=DOCUMENT_SCHEMA))
     writer.close()

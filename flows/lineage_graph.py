@@ -1,0 +1,463 @@
+"""`refinery lineage`: the graph from raw sources through every stage to each registered model.
+
+The graph is read, not recorded twice: stage nodes come from the manifests in
+the run root, model nodes from the MLflow model registry (each version is
+tagged with the `refinery.input_digest` / `refinery.output_digest` of the
+training stage that made it), and the MLflow stage run that produced each
+manifest is found by its `refinery.output_digest` tag.
+
+Staleness asks, stage by stage, whether running the pipeline now would redo
+the stage: ingest compares `source_digest(sources, cfg.ingest)` with its
+manifest's input digest; every later stage compares the previous manifest's
+output digest; every stage compares `config_hash` of its current config
+section with the recorded one, and checks its outputs are intact. A stage
+after a stale one is stale too (its input is about to change), and so is a
+model version trained on a training output that is stale or gone. The first
+stale stage is where `refinery run --from STAGE` re-runs exactly the stale part.
+
+Rendering needs no system package: the terminal gets a text tree, the image is
+drawn with matplotlib, and a Mermaid file (`lineage.mmd`) serves Markdown docs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+
+from refinery.flows.config import PipelineConfig, load_config
+from refinery.storage.layout import STAGES, RunLayout
+from refinery.storage.manifest import Manifest, config_hash, read_manifest, verify_outputs
+
+Status = Literal["ok", "stale", "missing", "superseded", "changed"]
+IMAGE_NAME = "lineage.png"
+MERMAID_NAME = "lineage.mmd"
+COLORS = {
+    "ok": "#8fd19e",
+    "stale": "#f5b971",
+    "missing": "#d9d9d9",
+    "superseded": "#eeeeee",
+    "changed": "#f5b971",
+}
+
+
+@dataclass
+class Node:
+    """One box of the graph: a source root, a stage or a registered model version."""
+
+    id: str
+    kind: Literal["source", "stage", "model"]
+    label: str
+    status: Status
+    reasons: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LineageGraph:
+    """Nodes in drawing order (sources, stages, models) and the edges between them."""
+
+    root: Path
+    nodes: list[Node]
+    edges: list[tuple[str, str]]
+    run_args: list[str] = field(default_factory=list)  # `--source`/`--config` options to repeat in the re-run command
+
+    def node(self, node_id: str) -> Node:
+        return next(n for n in self.nodes if n.id == node_id)
+
+    @property
+    def stages(self) -> list[Node]:
+        return [n for n in self.nodes if n.kind == "stage"]
+
+    def stale_stages(self) -> list[str]:
+        """Stages that `refinery run` would (re)do: stale or never completed."""
+        return [n.label for n in self.stages if n.status in ("stale", "missing")]
+
+    def first_stale(self) -> str | None:
+        stale = self.stale_stages()
+        return stale[0] if stale else None
+
+    def rerun_command(self) -> str | None:
+        """The command that re-runs exactly the stale part (from the first stale stage on)."""
+        first = self.first_stale()
+        if not first:
+            return None
+        return " ".join(["refinery run", *self.run_args, "--root", str(self.root), "--from", first])
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _source_changes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) -> dict[str, dict[str, int]]:
+    """Per source: files new, changed (size or mtime) and removed since the last ingest, from its file index."""
+    from refinery.tasks.ingest import list_sources
+    from refinery.tasks.ingest.stage import INDEX_FILE
+    from refinery.tasks.provenance import root_of, source_roots
+
+    roots = source_roots(sources)
+    index_path = layout.stage_dir("ingest") / INDEX_FILE
+    before: dict[str, tuple[int, int]] = {}
+    if index_path.is_file():
+        for row in pq.read_table(index_path, columns=["source", "size", "mtime_ns"]).to_pylist():
+            before[row["source"]] = (row["size"], row["mtime_ns"])
+    out = {r: {"files": 0, "new": 0, "changed": 0, "removed": 0} for r in roots}
+    now: set[str] = set()
+    for sf in list_sources(sources, cfg.ingest):
+        now.add(sf.uri)
+        c = out.setdefault(root_of(sf.uri, roots), {"files": 0, "new": 0, "changed": 0, "removed": 0})
+        c["files"] += 1
+        if sf.uri not in before:
+            c["new"] += 1
+        elif before[sf.uri] != (sf.size, sf.mtime_ns):
+            c["changed"] += 1
+    for uri in set(before) - now:
+        root = root_of(uri, roots)
+        if root in out:
+            out[root]["removed"] += 1
+    return out
+
+
+def stage_nodes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) -> list[Node]:
+    """One node per stage with its status and why, from the manifests alone."""
+    from refinery.tasks.ingest import source_digest
+
+    nodes: list[Node] = []
+    previous: Manifest | None = None
+    upstream_stale: str | None = None
+    for stage in STAGES:
+        stage_dir = layout.stage_dir(stage)
+        manifest = read_manifest(stage_dir)
+        reasons: list[str] = []
+        info: dict[str, Any] = {}
+        if manifest is None:
+            status: Status = "missing"
+            reasons.append("never completed in this run root")
+        else:
+            info = {
+                "in": manifest.counts.in_, "kept": manifest.counts.kept, "dropped": manifest.counts.dropped_total,
+                "input_digest": manifest.input_digest, "output_digest": manifest.output_digest,
+                "config_hash": manifest.config_hash, "created_at": manifest.created_at,
+            }
+            if stage == "ingest":
+                expected = source_digest(sources, cfg.ingest)
+                if manifest.input_digest != expected:
+                    reasons.append("sources changed")
+            elif previous is None:
+                reasons.append(f"input stage {STAGES[STAGES.index(stage) - 1]} has no manifest")
+            elif manifest.input_digest != previous.output_digest:
+                reasons.append(f"input changed ({STAGES[STAGES.index(stage) - 1]} output is newer)")
+            if upstream_stale:
+                reasons.append(f"upstream stage {upstream_stale} is stale")
+            if manifest.config_hash != config_hash(getattr(cfg, stage)):
+                reasons.append("config changed")
+            if not verify_outputs(stage_dir, manifest):
+                reasons.append("outputs missing or modified")
+            status = "stale" if reasons else "ok"
+        if status != "ok" and upstream_stale is None:
+            upstream_stale = stage
+        nodes.append(Node(f"stage:{stage}", "stage", stage, status, reasons, info))
+        previous = manifest
+    return nodes
+
+
+def source_nodes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) -> list[Node]:
+    nodes = []
+    for root, c in _source_changes(layout, sources, cfg).items():
+        moved = {k: c[k] for k in ("new", "changed", "removed") if c[k]}
+        reasons = [f"{n} file(s) {k} since the last ingest" for k, n in moved.items()]
+        label = root.removeprefix("file://")
+        nodes.append(Node(f"source:{root}", "source", label, "changed" if moved else "ok", reasons, {"uri": root, **c}))
+    return nodes
+
+
+def model_nodes(client: Any, registered_model: str, train: Node) -> list[Node]:
+    """One node per registered version of `registered_model`, newest first."""
+    versions = client.search_model_versions(f"name = '{registered_model}'")
+    nodes = []
+    for mv in sorted(versions, key=lambda v: -int(v.version)):
+        produced_by = mv.tags.get("refinery.output_digest", "")
+        info = {
+            "version": str(mv.version), "run_id": mv.run_id, "output_digest": produced_by,
+            "input_digest": mv.tags.get("refinery.input_digest", ""), "uri": f"models:/{registered_model}/{mv.version}",
+        }
+        if train.info.get("output_digest") != produced_by:
+            status: Status = "superseded"
+            reasons = ["trained on an earlier training-stage output"]
+        elif train.status != "ok":
+            status, reasons = "stale", [f"train stage is stale: {'; '.join(train.reasons)}"]
+        else:
+            status, reasons = "ok", []
+        nodes.append(Node(f"model:{mv.version}", "model", f"{registered_model} v{mv.version}", status, reasons, info))
+    return nodes
+
+
+def _stage_run_ids(client: Any, experiment: str, stages: list[Node]) -> None:
+    """Attach, to each stage node, the MLflow run that recorded its current manifest."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs([exp.experiment_id], "tags.`refinery.kind` = 'stage'", max_results=5000,
+                              order_by=["attributes.start_time DESC"])
+    for node in stages:
+        digest = node.info.get("output_digest")
+        for run in runs:
+            if digest and run.data.tags.get("refinery.output_digest") == digest \
+                    and run.data.tags.get("refinery.stage") == node.label:
+                node.info["mlflow_run_id"] = run.info.run_id
+                break
+
+
+def tracking_uri(layout: RunLayout, cfg: PipelineConfig) -> str:
+    return cfg.tracking.mlflow_uri or layout.mlflow_tracking_uri
+
+
+def recorded_sources(layout: RunLayout, cfg: PipelineConfig) -> list[str]:
+    """The sources of the last pipeline run, from its MLflow parent run (empty when there is none)."""
+    if not cfg.tracking.mlflow_uri and not layout.mlflow_db.is_file():
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(layout, cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], "tags.`refinery.kind` = 'pipeline'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    value = runs[0].data.params.get("sources", "") if runs else ""
+    return [s for s in value.split(",") if s]
+
+
+def build_graph(
+    root: str | os.PathLike[str], sources: list[str], cfg: PipelineConfig | None = None, use_mlflow: bool = True
+) -> LineageGraph:
+    """The lineage graph of a run root, judged against `sources` and `cfg` as they are now."""
+    cfg = cfg or PipelineConfig()
+    layout = RunLayout.at(root)
+    src = source_nodes(layout, sources, cfg)
+    stages = stage_nodes(layout, sources, cfg)
+    models: list[Node] = []
+    if use_mlflow and (cfg.tracking.mlflow_uri or layout.mlflow_db.is_file()):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri(layout, cfg))
+        _stage_run_ids(client, cfg.tracking.experiment, stages)
+        models = model_nodes(client, cfg.tracking.registered_model, stages[STAGES.index("train")])
+    edges = [(s.id, "stage:ingest") for s in src]
+    edges += [(f"stage:{a}", f"stage:{b}") for a, b in zip(STAGES[:-1], STAGES[1:], strict=True)]
+    edges += [("stage:filter", "stage:shards")]  # the shards stage encodes the curated documents
+    edges += [("stage:train", m.id) for m in models]
+    return LineageGraph(layout.root, [*src, *stages, *models], edges)
+
+
+# --------------------------------------------------------------------------- rendering
+
+_MARK = {"ok": "✓", "stale": "✗ STALE", "missing": "· not run", "superseded": "superseded", "changed": "changed"}
+
+
+def render_text(graph: LineageGraph) -> str:
+    """The graph for the terminal: sources, the stage chain, the model versions, and what to re-run."""
+    lines = [f"Lineage of {graph.root}", ""]
+    for n in graph.nodes:
+        if n.kind == "source":
+            lines.append(f"source  {n.label}  ({n.info.get('files', 0)} files)  {_MARK[n.status]}")
+            lines += [f"          {r}" for r in n.reasons]
+    for n in graph.stages:
+        counts = f"{n.info['in']:>8,} in {n.info['kept']:>8,} kept" if n.info else " " * 25
+        digest = n.info.get("output_digest", "")[:12]
+        lines.append(f"  └─ {n.label:<10} {counts}  {digest:<12}  {_MARK[n.status]}")
+        lines += [f"        {r}" for r in n.reasons if n.status == "stale"]
+    for n in graph.nodes:
+        if n.kind == "model":
+            lines.append(f"       └─ model {n.label}  ({n.info['uri']})  {_MARK[n.status]}")
+    lines.append("")
+    command = graph.rerun_command()
+    if command:
+        lines.append(f"Stale: {', '.join(graph.stale_stages())}. Re-run exactly that part with:")
+        lines.append(f"  {command}")
+    else:
+        lines.append("Everything is up to date: running the pipeline now would skip every stage.")
+    return "\n".join(lines)
+
+
+def render_mermaid(graph: LineageGraph) -> str:
+    """A Mermaid flowchart of the graph, for Markdown docs."""
+    ids = {n.id: f"n{i}" for i, n in enumerate(graph.nodes)}
+    out = ["flowchart LR"]
+    for n in graph.nodes:
+        text = n.label if n.kind != "source" else Path(n.label).name or n.label
+        if n.kind == "stage" and n.info:
+            text += f"<br/>{n.info['kept']:,} kept"
+        text += f"<br/>{n.status}"
+        shape = ("[(", ")]") if n.kind == "source" else ("([", "])") if n.kind == "model" else ("[", "]")
+        out.append(f'    {ids[n.id]}{shape[0]}"{text}"{shape[1]}:::{n.status}')
+    for a, b in graph.edges:
+        out.append(f"    {ids[a]} --> {ids[b]}")
+    for status, color in COLORS.items():
+        out.append(f"    classDef {status} fill:{color},stroke:#555")
+    return "\n".join(out) + "\n"
+
+
+def render_png(graph: LineageGraph, path: str | os.PathLike[str]) -> Path:
+    """Draw the graph left to right with matplotlib (no Graphviz needed); written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch, Patch
+
+    from refinery.storage.atomic import atomic_path
+
+    sources = [n for n in graph.nodes if n.kind == "source"]
+    models = [n for n in graph.nodes if n.kind == "model"]
+    pos: dict[str, tuple[float, float]] = {}
+    for i, n in enumerate(sources):
+        pos[n.id] = (0.0, (len(sources) - 1) / 2 - i)
+    main = [s for s in STAGES if s != "tokenizer"]
+    for i, s in enumerate(main, start=1):
+        pos[f"stage:{s}"] = (i * 1.0, 0.0)
+    pos["stage:tokenizer"] = (3.5, 1.1)  # beside the chain: trained on the curated documents, used by shards
+    train_x = pos["stage:train"][0]
+    for i, n in enumerate(models):
+        pos[n.id] = (train_x + 1.0 + 1.0 * (i // 3), -1.1 - 0.8 * (i % 3))
+    xs = [p[0] for p in pos.values()]
+    ys = [p[1] for p in pos.values()]
+    fig, ax = plt.subplots(figsize=(1.6 * (max(xs) - min(xs) + 1.5), 1.5 * (max(ys) - min(ys) + 2.0)))
+    w, h = 0.8, 0.55
+    patches = {}
+    for n in graph.nodes:
+        if n.id not in pos:
+            continue
+        x, y = pos[n.id]
+        style = "round,pad=0.02,rounding_size=0.15" if n.kind != "stage" else "square,pad=0.02"
+        patches[n.id] = patch = FancyBboxPatch(
+            (x - w / 2, y - h / 2), w, h, boxstyle=style, facecolor=COLORS[n.status],
+            edgecolor="#c0392b" if n.status == "stale" else "#555", linewidth=2.0 if n.status == "stale" else 1.0,
+        )
+        ax.add_patch(patch)
+        if n.kind == "source":
+            title, sub = Path(n.label).name or n.label, f"{n.info.get('files', 0)} files"
+        elif n.kind == "stage":
+            title = n.label
+            sub = f"{n.info['kept']:,} kept · {n.info['output_digest'][:8]}" if n.info else "not run"
+        else:
+            title, sub = n.label, n.status
+        ax.text(x, y + 0.09, title, ha="center", va="center", fontsize=8.5, weight="bold")
+        ax.text(x, y - 0.13, sub, ha="center", va="center", fontsize=6.5)
+    for a, b in graph.edges:
+        if a in patches and b in patches:
+            ax.annotate("", xy=pos[b], xytext=pos[a], arrowprops={
+                "arrowstyle": "-|>", "color": "#555", "lw": 1.2, "patchA": patches[a], "patchB": patches[b],
+                "shrinkA": 1, "shrinkB": 1})
+    ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
+    ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    shown = sorted({n.status for n in graph.nodes}, key=list(COLORS).index)
+    ax.legend(handles=[Patch(facecolor=COLORS[s], edgecolor="#555", label=s) for s in shown],
+              loc="lower left", fontsize=7, frameon=False, ncol=len(shown))
+    first = graph.first_stale()
+    ax.set_title(f"Refinery lineage: {'stale from ' + first if first else 'up to date'}", fontsize=10)
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return target
+
+
+def log_to_mlflow(graph: LineageGraph, layout: RunLayout, cfg: PipelineConfig, files: list[Path]) -> str | None:
+    """Log the rendered files under `lineage/` of the latest pipeline run; returns that run's id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(layout, cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], "tags.`refinery.kind` = 'pipeline'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    for f in files:
+        client.log_artifact(run_id, str(f), artifact_path="lineage")
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "lineage.txt"
+        text.write_text(render_text(graph), encoding="utf-8")
+        client.log_artifact(run_id, str(text), artifact_path="lineage")
+    return run_id
+
+
+def record_provenance(layout: RunLayout, sources: list[str], client: Any, run_id: str) -> Path:
+    """Write `train/provenance.parquet` (training tokens per source file) and log it with the model's run.
+
+    Logged under `provenance/` of `run_id` (the train stage's MLflow run, which holds the
+    registered model), with the token totals per format and per source root as metrics.
+    """
+    from refinery.tasks.provenance import provenance_table, summarize, write_provenance
+
+    out = write_provenance(layout.stage_dir("shards"), layout.stage_dir("train"), sources)
+    path = layout.stage_dir("train") / out.path
+    client.log_artifact(run_id, str(path), artifact_path="provenance")
+    table = provenance_table(layout.stage_dir("shards"), sources)
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    metrics = [Metric(f"provenance.tokens.format.{r['format']}", float(r["tokens"]), ts, 0)  # type: ignore[arg-type]
+               for r in summarize(table, "format")]
+    metrics += [Metric(f"provenance.tokens.root.{i}", float(r["tokens"]), ts, 0)  # type: ignore[arg-type]
+                for i, r in enumerate(summarize(table, "source_root"))]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics[:900])
+    return path
+
+
+def main(
+    root: str | os.PathLike[str] = ".refinery",
+    sources: list[str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    log: bool = True,
+    echo: Callable[[str], None] = print,
+) -> LineageGraph:
+    """Build, print and render the lineage of `root`; the body of `refinery lineage`.
+
+    `sources` default to those of the last pipeline run (recorded in MLflow);
+    config is read like `refinery run` reads it. The image and Mermaid file go
+    to `out_dir` (default `<root>/lineage/`) and, with `log`, to the last
+    pipeline run in MLflow.
+    """
+    layout = RunLayout.at(root)
+    if not any(read_manifest(layout.stage_dir(s)) for s in STAGES):
+        raise FileNotFoundError(f"no stage manifests under {layout.root}; run `refinery run --root {root}` first")
+    cfg = load_config(config_file, overrides or [])
+    sources = list(sources or recorded_sources(layout, cfg))
+    if not sources:
+        raise ValueError(f"the sources of {layout.root} are not recorded; pass them as in `refinery run` (--source PATH)")
+    graph = build_graph(layout.root, sources, cfg)
+    bundled = str(layout.root / "sample-corpus")
+    graph.run_args = [a for s in sources if s != bundled for a in ("--source", shlex.quote(s))]
+    graph.run_args += ["--config", shlex.quote(str(config_file))] if config_file else []
+    graph.run_args += [a for o in overrides or [] for a in ("--set", shlex.quote(o))]
+    echo(render_text(graph))
+    out = Path(out_dir) if out_dir else layout.root / "lineage"
+    image = render_png(graph, out / IMAGE_NAME)
+    mermaid = out / MERMAID_NAME
+    from refinery.storage.atomic import atomic_write_text
+
+    atomic_write_text(mermaid, render_mermaid(graph))
+    echo(f"\nGraph written to {image} and {mermaid}")
+    if log and (cfg.tracking.mlflow_uri or layout.mlflow_db.is_file()):
+        run_id = log_to_mlflow(graph, layout, cfg, [image, mermaid])
+        if run_id:
+            echo(f"Logged to MLflow run {run_id} (artifacts under lineage/)")
+    return graph
