@@ -28,7 +28,7 @@ else
 fi
 
 if [ -x .venv/bin/python ]; then
-  .venv/bin/python -m pip install -q asyncpg psycopg2-binary \
+  .venv/bin/python -m pip install -q -e ".[test,postgres]" \
     || echo "note: could not install asyncpg/psycopg2-binary; the PostgreSQL test will be skipped"
 else
   echo "note: no ./.venv yet (run make install first); database drivers not installed"
