@@ -342,14 +342,14 @@ def _make_executor(cfg: PipelineConfig) -> tuple[Any, Callable[[], None]]:
     stack = ExitStack()
     flow_ctx = FlowRunContext.get()
     runner = flow_ctx.task_runner if flow_ctx is not None else None
-    if not isinstance(runner, DaskTaskRunner):
-        address = cfg.execution.dask_address
-        runner = stack.enter_context(
-            DaskTaskRunner(address=address)
-            if address
-            else DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
-        )
     try:
+        if not isinstance(runner, DaskTaskRunner):
+            address = cfg.execution.dask_address
+            runner = stack.enter_context(
+                DaskTaskRunner(address=address)
+                if address
+                else DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+            )
         scheduler = runner.client.scheduler.address
         client = stack.enter_context(Client(scheduler, set_as_default=False))
     except Exception as exc:
