@@ -77,7 +77,8 @@ def cluster():
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as c, Client(c) as client:
+                      dashboard_address=None) as c, Client(c, set_as_default=False) as client:
+        # not the default client: prefect-dask would prefer a process-global client over any address
         yield c.scheduler_address, client
 
 
