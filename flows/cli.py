@@ -53,6 +53,7 @@ def run(
     from_stage: Annotated[str | None, typer.Option("--from", help="Re-run this stage and every later one, even if unchanged.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Re-run the selected stages even if unchanged.")] = False,
     sample: Annotated[str, typer.Option(help="Size of the bundled sample corpus when no --source is given: tiny or default.")] = "default",
+    stale: Annotated[bool, typer.Option("--stale", help="Re-run only what `refinery lineage` marks stale.")] = False,
 ) -> None:
     """Run the pipeline: ingest, dedup, filter, tokenizer, shards, train, eval.
 
@@ -77,6 +78,14 @@ def run(
         typer.echo(f"Using the bundled sample corpus ({sample}): {info.files} files, {info.bytes / 1e6:.1f} MB at {info.root}")
         sources = [str(info.root)]
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    if stale:
+        from refinery.flows.lineage_graph import build_graph
+
+        from_stage = build_graph(Path(root).resolve(), sources, cfg, use_mlflow=False).first_stale()
+        if from_stage is None:
+            typer.echo("Nothing is stale: every stage matches its inputs and config.")
+            return
+        typer.echo(f"Stale from stage {from_stage!r} on; re-running from there.")
 
     from refinery.flows.pipeline import data_to_model, select_stages
 
@@ -154,7 +163,9 @@ def inspect(
     """Ask questions of a run's outputs in SQL (DuckDB).
 
     Views: ingest, dedup, filter (kept documents of each stage), dropped (every
-    dropped document with stage and reason), quarantine, manifests. Example:
+    dropped document with stage and reason), quarantine, signals (the filter's
+    quality signals), shard_stats, provenance (training tokens per source file),
+    manifests. Example:
 
       refinery inspect "select reason, count(*) from dropped group by 1 order by 2 desc"
     """
@@ -269,6 +280,34 @@ def finetune(
     summary = finetune_flow(base=base, sources=source, root=str(Path(root).resolve()), config=cfg.model_dump(mode="json"))
     typer.echo(f"validation loss on the domain set: {summary['val_loss_before']:.4f} -> {summary['val_loss']:.4f}")
     typer.echo(f"adapters in {summary['adapter_dir']}; merged model registered as {summary['model']['uri']}")
+
+
+@app.command()
+def lineage(
+    root: RootOpt = DEFAULT_ROOT,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="Sources as given to `refinery run`; default: the last run's (from MLflow)."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config, as given to `refinery run`.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one config value; repeatable.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for lineage.png and lineage.mmd; default <root>/lineage.")] = None,
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not log the graph to MLflow.")] = False,
+) -> None:
+    """The graph from raw sources through every stage to each registered model.
+
+    A stage whose inputs or config changed since it ran is marked stale, with
+    everything downstream, and the command that re-runs exactly that part is
+    printed (or use `refinery run --stale`).
+    """
+    configure_environment(root)
+    from refinery.flows.lineage_graph import main as lineage_main
+
+    try:
+        lineage_main(root, sources=source, config_file=config, overrides=set_ or [], out_dir=out, log=not no_log,
+                     echo=typer.echo)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
+        _fail(str(exc))
 
 
 @app.command()

@@ -412,6 +412,10 @@ def data_to_model(
         if "train" in selected and train is not None:
             evaluation = manifests.get("eval") or read_manifest(layout.stage_dir("eval"))
             summary["model"] = _register_model(ctx, train, evaluation)
+            from refinery.flows.lineage_graph import record_provenance
+
+            mv = lineage.client.get_model_version(summary["model"]["name"], summary["model"]["version"])
+            summary["provenance"] = str(record_provenance(layout, sources, lineage.client, mv.run_id))
         if "eval" in manifests:
             lineage.log_metrics(parent, manifests["eval"].metrics, step=0)
         status = "FINISHED"

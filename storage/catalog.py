@@ -4,7 +4,7 @@ Views (created only where the files exist): `ingest`, `dedup`, `filter` (each
 stage's kept documents), `dropped` (every stage's dropped documents, with the
 stage and reason; ingest's are its quarantine rows), `quarantine` (unreadable raw files), `signals` (the filter's quality
 signals for every document it saw, kept or dropped), `shard_stats` (tokens
-per document), `manifests` (one row per completed stage).
+per document), `provenance` (training tokens per source file), `manifests` (one row per completed stage).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Catalog:
             self.con.execute("create or replace view dropped as " + " union all ".join(parts))
             self.views.append("dropped")
         self._view("shard_stats", [self.layout.stage_dir("shards") / "stats.parquet"])
+        self._view("provenance", [self.layout.stage_dir("train") / "provenance.parquet"])
         rows = []
         for stage in STAGES:
             m = read_manifest(self.layout.stage_dir(stage))

@@ -7,9 +7,10 @@ input files' checksums and the settings that change signals; when both match,
 the step is skipped, so changing only a threshold re-runs only step 2.
 
 Step 2 (selection): each document is compared with the thresholds in the order
-of `quality.RULES`; the first rule it fails names its drop reason. Code
-documents (`format` in `code_formats`) get the code rules, all others the prose
-rules. Kept documents carry `lang`, `lang_score` and the signal columns, with
+of `quality.TRUST_RULES` (decontamination against evaluation sets, safety block
+lists; every format) then `quality.RULES`; the first rule it fails names its
+drop reason. Code documents (`format` in `code_formats`) get the code rules,
+all others the prose rules. Kept documents carry `lang`, `lang_score` and the signal columns, with
 PII replaced by placeholders; dropped ones go to `dropped.parquet`.
 `drop_reasons.png` charts the drops by reason.
 """
@@ -41,9 +42,12 @@ from refinery.storage.documents import (
     iter_batches,
 )
 from refinery.storage.manifest import Counts, OutputFile, StageResult, describe_file, file_sha256
+from refinery.tasks.decontaminate import DecontaminationRules
 from refinery.tasks.pii import PIIRules, redact
 from refinery.tasks.quality import (
     RULES,
+    TRUST_FAMILIES,
+    TRUST_RULES,
     C4Rules,
     CodeRules,
     FineWebRules,
@@ -53,12 +57,13 @@ from refinery.tasks.quality import (
     Rule,
     compute_signals,
 )
+from refinery.tasks.safety import SafetyRules
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
 SIGNALS_VERSION = 1
 CHART = "drop_reasons.png"
-FAMILIES = ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "code")
+FAMILIES = ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "code", *TRUST_FAMILIES)
 
 
 class FilterConfig(BaseModel):
@@ -72,13 +77,15 @@ class FilterConfig(BaseModel):
     c4: C4Rules = Field(default_factory=C4Rules)
     fineweb: FineWebRules = Field(default_factory=FineWebRules)
     code: CodeRules = Field(default_factory=CodeRules)
+    decontamination: DecontaminationRules = Field(default_factory=DecontaminationRules)
+    safety: SafetyRules = Field(default_factory=SafetyRules)
     pii: PIIRules = Field(default_factory=PIIRules)
     code_formats: list[str] = Field(default_factory=lambda: ["code"], description="formats that get the code rules")
     batch_size: int = Field(2000, ge=1)
 
     def families(self) -> dict[str, Any]:
         """The enabled rule families, by name."""
-        return {name: getattr(self, name) for name in FAMILIES if getattr(self, name).enabled}
+        return {name: getattr(self, name) for name in FAMILIES if getattr(self, name).active()}
 
     def signal_key(self) -> dict[str, Any]:
         """What the cached signals depend on besides the input: enabled families and their signal settings."""
@@ -106,8 +113,10 @@ def _signals_path(stage_dir: Path, i: int) -> Path:
     return stage_dir / f"signals-{i:05d}.parquet"
 
 
-def _signals_batch(file_index: int, ids: pa.Array, texts: pa.Array, families: dict[str, Any]) -> tuple[int, pa.Table]:
-    columns = {"id": ids, **compute_signals(texts, families)}
+def _signals_batch(
+    file_index: int, ids: pa.Array, texts: pa.Array, families: dict[str, Any], metas: pa.Array | None = None
+) -> tuple[int, pa.Table]:
+    columns = {"id": ids, **compute_signals(texts, families, metas)}
     return file_index, pa.table(columns)
 
 
@@ -127,11 +136,13 @@ def compute_signal_files(
             return True
     key_path.unlink(missing_ok=True)  # the old cache no longer describes the files about to be written
     families = cfg.families()
+    columns = ["id", "text", "meta"] if "safety" in families else ["id", "text"]
 
     def items() -> Iterator[tuple[Any, ...]]:
         for i, path in enumerate(input_files):
-            for batch in iter_batches([path], columns=["id", "text"], batch_size=cfg.batch_size):
-                yield (i, batch.column("id"), batch.column("text"), families)
+            for batch in iter_batches([path], columns=columns, batch_size=cfg.batch_size):
+                metas = batch.column("meta") if "meta" in columns else None
+                yield (i, batch.column("id"), batch.column("text"), families, metas)
 
     writers: dict[int, ParquetWriter] = {}
     bar = tqdm(total=count_rows(input_files), desc="filter: signals", unit="doc", disable=not progress)
@@ -160,17 +171,22 @@ def _rule_limit(cfg: FilterConfig, rule: Rule) -> Any:
 
 def select(signals: pa.Table, formats: list[str], cfg: FilterConfig) -> tuple[list[str | None], list[str]]:
     """The drop reason (None to keep) and a detail for each row, from signal columns and thresholds."""
-    n = signals.num_rows
+    n = len(formats)  # not signals.num_rows: a table with no signal columns has no rows
     reason: list[str | None] = [None] * n
     detail = [""] * n
     undecided = np.ones(n, bool)
     is_code = np.array([f in cfg.code_formats for f in formats], bool)
     families = cfg.families()
-    for rule in RULES:
+    for rule in (*TRUST_RULES, *RULES):
         if rule.family not in families:
             continue
-        applies = is_code if rule.family == "code" else ~is_code
         limit = _rule_limit(cfg, rule)
+        if limit is None:  # a threshold set to null: the signal is kept as a flag, nothing is dropped
+            continue
+        if rule.family in TRUST_FAMILIES:
+            applies = np.ones(n, bool)
+        else:
+            applies = is_code if rule.family == "code" else ~is_code
         if rule.family == "language":
             if not cfg.language.languages:
                 continue
@@ -190,6 +206,7 @@ def select(signals: pa.Table, formats: list[str], cfg: FilterConfig) -> tuple[li
                 fails = col > limit
             sign = {"min": "<", "max": ">", "flag": "="}[rule.op]
             values = None
+            shown_col = signals.column(rule.detail_column).to_pylist() if rule.detail_column else None
         hit = np.flatnonzero(fails & applies & undecided)
         for i in hit:
             reason[i] = rule.code
@@ -199,6 +216,8 @@ def select(signals: pa.Table, formats: list[str], cfg: FilterConfig) -> tuple[li
                 v = col[i]
                 shown = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
                 detail[i] = f"{rule.column}={shown} {sign} {rule.limit}={limit}"
+                if shown_col is not None and shown_col[i]:
+                    detail[i] += f" ({rule.detail_column}={shown_col[i]!r})"
         undecided[hit] = False
     return reason, detail
 

@@ -1,0 +1,253 @@
+"""`refinery lineage`: the graph from sources to model versions, and staleness after a change.
+
+The run root is made by the real stage functions, chained with manifests the
+way the pipeline flow chains them (input digest = previous output digest), and
+a real MLflow store (SQLite) holding a pipeline run and a registered model
+version tagged like the flow tags it. No Prefect server is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from refinery.flows.config import PipelineConfig, validate_config
+from refinery.flows.lineage_graph import (
+    IMAGE_NAME,
+    MERMAID_NAME,
+    build_graph,
+    main,
+    render_mermaid,
+    render_text,
+)
+from refinery.storage.documents import document_files
+from refinery.storage.layout import STAGES, RunLayout
+from refinery.storage.manifest import build_manifest, config_hash, read_manifest, write_manifest
+
+WORDS = (
+    "river stone bridge market village harbour summer winter garden letter window morning evening "
+    "teacher doctor farmer engine valley forest mountain castle kitchen library lantern meadow"
+).split()
+GLUE = ["the", "and", "of", "to", "with", "that", "in", "on", "for", "was"]
+
+TINY = {
+    "filter": {f: {"enabled": False} for f in ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "code")},
+    "tokenizer": {"vocab_size": 300},
+    "shards": {"val_fraction": 0.2},
+    "train": {"preset": "test", "seq_len": 32, "micro_batch_size": 4, "tokens_per_step": 128, "max_steps": 2,
+              "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2, "warmup_steps": 1},
+    "eval": {"max_batches": 1, "max_new_tokens": 2, "prompts": ["The "]},
+    "execution": {"progress": False},
+}
+
+
+def write_corpus(root: Path) -> list[str]:
+    """Two source roots of small prose files."""
+    rng = random.Random(0)
+    sources = []
+    for name, n in (("books", 12), ("web", 6)):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(n):
+            sentences = [" ".join(rng.choice(WORDS if k % 2 else GLUE) for k in range(12)).capitalize() + "."
+                         for _ in range(20)]
+            (d / f"{name}-{i:02d}.txt").write_text(" ".join(sentences) + "\n")
+        sources.append(str(d))
+    return sources
+
+
+def run_chain(root: Path, sources: list[str], cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> None:
+    """What `refinery run` does per stage, minus Prefect: run, then write the manifest last."""
+    from refinery.tasks.dedup import run_dedup
+    from refinery.tasks.encode import run_encode
+    from refinery.tasks.evaluate import run_eval
+    from refinery.tasks.filter import run_filter
+    from refinery.tasks.ingest import run_ingest, source_digest
+    from refinery.tasks.tokenizer import run_train_tokenizer
+    from refinery.tasks.train import run_train
+
+    layout = RunLayout.at(root)
+    layout.create()
+    d = layout.stage_dir
+    for stage in stages:
+        prev = read_manifest(d(STAGES[STAGES.index(stage) - 1])) if stage != "ingest" else None
+        digest = source_digest(sources, cfg.ingest) if prev is None else prev.output_digest
+        if stage == "ingest":
+            result = run_ingest(sources, d(stage), cfg.ingest, progress=False)
+        elif stage in ("dedup", "filter"):
+            fn = run_dedup if stage == "dedup" else run_filter
+            result = fn(document_files(d(STAGES[STAGES.index(stage) - 1])), d(stage), getattr(cfg, stage), progress=False)
+        elif stage == "tokenizer":
+            result = run_train_tokenizer(document_files(d("filter")), d(stage), cfg.tokenizer, progress=False)
+        elif stage == "shards":
+            tok = d("tokenizer") / prev.extra.get("tokenizer_file", "tokenizer.json")
+            result = run_encode(document_files(d("filter")), tok, d(stage), cfg.shards, progress=False)
+        elif stage == "train":
+            result = run_train(d("shards"), prev.extra, prev.counts.kept, d(stage), cfg.train,
+                               run_key=prev.output_digest + config_hash(cfg.train), progress=False)
+        else:
+            shards = read_manifest(d("shards"))
+            tok = d("tokenizer") / read_manifest(d("tokenizer")).extra.get("tokenizer_file", "tokenizer.json")
+            result = run_eval(d("train") / prev.extra["checkpoint_dir"], tok, d("shards"), shards.extra,
+                              shards.counts.kept, d(stage), cfg.eval)
+        write_manifest(d(stage), build_manifest(stage, getattr(cfg, stage), digest, result, {"total": 0.0}))
+
+
+def record_in_mlflow(root: Path, sources: list[str]) -> None:
+    """A pipeline run with its sources, and a model version tagged with the training digests."""
+    from mlflow.tracking import MlflowClient
+
+    layout = RunLayout.at(root)
+    client = MlflowClient(tracking_uri=layout.mlflow_tracking_uri)
+    exp = client.create_experiment("refinery", artifact_location=layout.mlflow_artifacts.resolve().as_uri())
+    parent = client.create_run(exp, tags={"refinery.kind": "pipeline"})
+    client.log_param(parent.info.run_id, "sources", ",".join(sources))
+    train = read_manifest(layout.stage_dir("train"))
+    run = client.create_run(exp, tags={"refinery.kind": "stage", "refinery.stage": "train",
+                                       "refinery.output_digest": train.output_digest})
+    client.create_registered_model("refinery-lm")
+    client.create_model_version(
+        "refinery-lm", source=str(layout.stage_dir("train")), run_id=run.info.run_id,
+        tags={"refinery.output_digest": train.output_digest, "refinery.input_digest": train.input_digest},
+    )
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lineage")
+    sources = write_corpus(base / "corpus")
+    cfg = validate_config(TINY)
+    run_chain(base / "run", sources, cfg)
+    record_in_mlflow(base / "run", sources)
+    return base / "run", sources, cfg
+
+
+def statuses(graph) -> dict[str, str]:
+    return {n.label: n.status for n in graph.nodes}
+
+
+def test_a_fresh_run_is_up_to_date(run_root) -> None:
+    root, sources, cfg = run_root
+    graph = build_graph(root, sources, cfg)
+    assert statuses(graph) == {**{s: "ok" for s in STAGES}, sources[0]: "ok", sources[1]: "ok", "refinery-lm v1": "ok"}
+    assert graph.first_stale() is None and graph.rerun_command() is None
+    assert graph.node("stage:train").info["mlflow_run_id"]  # the MLflow run that recorded the manifest
+    assert ("stage:train", "model:1") in graph.edges and (f"source:file://{sources[0]}", "stage:ingest") in graph.edges
+    assert "Everything is up to date" in render_text(graph)
+
+
+def test_one_changed_source_file_makes_ingest_and_everything_downstream_stale(run_root, tmp_path) -> None:
+    root, sources, cfg = run_root
+    changed = Path(sources[1]) / "web-03.txt"
+    original, stat = changed.read_text(), changed.stat()
+    try:
+        changed.write_text(original + "One more sentence about the harbour.\n")
+        graph = build_graph(root, sources, cfg)
+        assert statuses(graph) == {
+            **{s: "stale" for s in STAGES},
+            sources[0]: "ok",
+            sources[1]: "changed",
+            "refinery-lm v1": "stale",
+        }
+        assert graph.node("stage:ingest").reasons == ["sources changed"]
+        assert graph.node(f"source:file://{sources[1]}").reasons == ["1 file(s) changed since the last ingest"]
+        assert graph.rerun_command() == f"refinery run --root {root} --from ingest"
+        text = render_text(graph)
+        assert "--from ingest" in text and text.count("STALE") == len(STAGES) + 1  # and the model
+    finally:
+        changed.write_text(original)
+        os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert build_graph(root, sources, cfg).first_stale() is None  # restored: up to date again
+
+
+def test_a_config_change_is_stale_from_its_stage_on(run_root) -> None:
+    root, sources, cfg = run_root
+    changed = validate_config({**TINY, "shards": {"val_fraction": 0.25}})
+    graph = build_graph(root, sources, changed, use_mlflow=False)
+    # tokenizer shares val_fraction with shards (one validation split), so it is stale too
+    assert [n.label for n in graph.stages if n.status == "stale"] == ["tokenizer", "shards", "train", "eval"]
+    assert graph.node("stage:tokenizer").reasons == ["config changed"]
+    assert graph.node("stage:shards").reasons == ["upstream stage tokenizer is stale", "config changed"]
+    evaluated = validate_config({**TINY, "eval": {"max_batches": 2, "max_new_tokens": 2, "prompts": ["The "]}})
+    assert build_graph(root, sources, evaluated, use_mlflow=False).stale_stages() == ["eval"]
+
+
+def test_main_prints_renders_and_logs(run_root, tmp_path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    root = run_root[0]
+    config = tmp_path / "tiny.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(TINY))
+    lines: list[str] = []
+    graph = main(root, config_file=config, out_dir=tmp_path / "out", echo=lines.append)  # sources from MLflow
+    assert graph.first_stale() is None
+    assert "Lineage of" in lines[0]
+    png = (tmp_path / "out" / IMAGE_NAME).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    mermaid = (tmp_path / "out" / MERMAID_NAME).read_text()
+    assert mermaid == render_mermaid(graph) and mermaid.startswith("flowchart LR")
+    assert mermaid.count("-->") == len(graph.edges)
+    client = MlflowClient(tracking_uri=RunLayout.at(root).mlflow_tracking_uri)
+    exp = client.get_experiment_by_name("refinery")
+    parent = client.search_runs([exp.experiment_id], "tags.`refinery.kind` = 'pipeline'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "lineage")}
+    assert logged == {"lineage/lineage.png", "lineage/lineage.mmd", "lineage/lineage.txt"}
+
+
+def test_the_rerun_command_repeats_the_run_options(run_root, tmp_path) -> None:
+    root, sources, _ = run_root
+    config = tmp_path / "tiny.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(TINY))
+    lines: list[str] = []
+    graph = main(root, sources=sources, config_file=config, overrides=["eval.max_new_tokens=3"],
+                 out_dir=tmp_path, log=False, echo=lines.append)
+    assert graph.stale_stages() == ["eval"]
+    want = (f"refinery run --source {sources[0]} --source {sources[1]} --config {config} "
+            f"--set eval.max_new_tokens=3 --root {root} --from eval")
+    assert graph.rerun_command() == want and f"  {want}" in "\n".join(lines)
+
+
+def test_provenance_is_written_and_logged_with_the_model_run(run_root) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from refinery.flows.lineage_graph import record_provenance
+
+    root, sources, _ = run_root
+    layout = RunLayout.at(root)
+    client = MlflowClient(tracking_uri=layout.mlflow_tracking_uri)
+    run_id = client.search_model_versions("name = 'refinery-lm'")[0].run_id
+    path = record_provenance(layout, sources, client, run_id)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    assert sum(table.column("tokens").to_pylist()) == read_manifest(layout.stage_dir("shards")).extra["train_tokens"]
+    assert {r.split("/")[0] for r in table.column("source_root").to_pylist()} == {"file:"}
+    assert [a.path for a in client.list_artifacts(run_id, "provenance")] == ["provenance/provenance.parquet"]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["provenance.tokens.format.text"] == sum(table.column("tokens").to_pylist())
+    # the provenance view is queryable like the other outputs
+    import duckdb
+
+    got = duckdb.connect().execute(f"select count(distinct source_root) from read_parquet('{path}')").fetchone()[0]
+    assert got == 2
+
+
+def test_missing_stages_and_no_run_root(tmp_path) -> None:
+    sources = write_corpus(tmp_path / "corpus")
+    with pytest.raises(FileNotFoundError, match="refinery run"):
+        main(tmp_path / "empty", sources=sources, echo=lambda _: None)
+    cfg = validate_config(TINY)
+    run_chain(tmp_path / "run", sources, cfg, stages=("ingest",))
+    time.sleep(0.01)
+    graph = build_graph(tmp_path / "run", sources, cfg)
+    assert graph.stale_stages() == list(STAGES[1:])
+    assert graph.node("stage:dedup").status == "missing"
+    assert graph.rerun_command().endswith("--from dedup")
