@@ -28,7 +28,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from refinery.storage.documents import (
 from refinery.storage.manifest import Counts, StageResult, describe_file
 from refinery.tasks.minhash import MinHasher, band_hashes, exact_jaccard, optimal_bands, shingle_hashes
 from refinery.tasks.normalize import NormalizeConfig, join_words, normalize_words, text_hashes
+from refinery.tasks.parallel import map_in_order
 
 STAGE = "dedup"
 SIGNATURES = "signatures.parquet"
@@ -129,23 +130,6 @@ def signature_batch(
     shingles, offsets = shingle_hashes(sub, cfg.shingle_size)
     sigs = _hasher(cfg.num_perm, cfg.seed).signatures(shingles, offsets)
     return hashes, rows, sigs, np.diff(offsets) > 0
-
-
-def map_in_order(
-    fn: Callable[..., Any], items: Iterable[tuple[Any, ...]], executor: Executor | None, in_flight: int = 4
-) -> Iterator[Any]:
-    """`fn(*item)` for each item, in order; through `executor` with a bounded number in flight."""
-    if executor is None:
-        for item in items:
-            yield fn(*item)
-        return
-    pending = []
-    for item in items:
-        pending.append(executor.submit(fn, *item))
-        if len(pending) >= in_flight:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
 
 
 def cluster_id(doc_id: str) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from refinery.storage.documents import (
 )
 from refinery.storage.manifest import Counts, OutputFile, StageResult, describe_file, file_sha256
 from refinery.tasks.decontaminate import DecontaminationRules
+from refinery.tasks.parallel import map_in_order
 from refinery.tasks.pii import PIIRules, redact
 from refinery.tasks.quality import (
     RULES,
@@ -90,23 +91,6 @@ class FilterConfig(BaseModel):
     def signal_key(self) -> dict[str, Any]:
         """What the cached signals depend on besides the input: enabled families and their signal settings."""
         return {name: rules.signal_params() for name, rules in self.families().items()}
-
-
-def map_in_order(
-    fn: Callable[..., Any], items: Iterable[tuple[Any, ...]], executor: Executor | None, in_flight: int = 4
-) -> Iterator[Any]:
-    """`fn(*item)` for each item, in order; through `executor` with a bounded number in flight."""
-    if executor is None:
-        for item in items:
-            yield fn(*item)
-        return
-    pending = []
-    for item in items:
-        pending.append(executor.submit(fn, *item))
-        if len(pending) >= in_flight:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
 
 
 def _signals_path(stage_dir: Path, i: int) -> Path:
