@@ -120,7 +120,7 @@ def test_counts_add_up_and_dropped_tables_match(first_run) -> None:
     seen = dict(Catalog(root).query("select stage, count(*) from dropped group by 1").fetchall())
     assert seen == {s: manifests[s].counts.dropped_total for s in ("ingest", "dedup", "filter") if manifests[s].counts.dropped_total}
     # provenance: training tokens per source file add up to the shards' training tokens
-    tokens = Catalog(root).query("select sum(tokens) from provenance").fetchone()[0]
+    tokens = Catalog(root).query("select sum(tokens) from provenance").fetchall()[0][0]
     assert tokens == manifests["shards"].extra["train_tokens"]
     # the planted duplicates and low-quality documents gave every curation stage work
     assert manifests["ingest"].counts.dropped_total > 0
