@@ -35,6 +35,7 @@ from refinery.model.evaluate import evaluate_loss  # noqa: E402
 from refinery.model.generate import generate  # noqa: E402
 from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
 from refinery.model.quantize import memory_report, quantize_int8  # noqa: E402
+from refinery.model.train import cpu_has_fast_bf16  # noqa: E402
 from refinery.storage.shards import TokenWindows, write_token_shard  # noqa: E402
 
 
@@ -128,12 +129,11 @@ def main() -> None:
         seq = model.cfg.seq_len
         quick_train(model, TokenWindows([train_path], seq), args.train_steps)
         val = TokenWindows([val_path], seq)
-        variants = {
-            "fp32": model,
-            "bf16": copy.deepcopy(model).to(torch.bfloat16),
-            "int8 weight-only (Refinery)": quantize_int8(copy.deepcopy(model)),
-            "int8 dynamic (torch.ao peer)": dynamic_int8(model),
-        }
+        variants = {"fp32": model}
+        if cpu_has_fast_bf16():  # without native bf16 instructions the CPU emulates it about 15x slower
+            variants["bf16"] = copy.deepcopy(model).to(torch.bfloat16)
+        variants["int8 weight-only (Refinery)"] = quantize_int8(copy.deepcopy(model))
+        variants["int8 dynamic (torch.ao peer)"] = dynamic_int8(model)
         rows, base = [], {}
         for name, m in variants.items():
             loss = evaluate_loss(m, val, 8, max_batches=8)
