@@ -32,8 +32,11 @@ from refinery.model.checkpoint import load_model, save_checkpoint  # noqa: E402
 from refinery.model.evaluate import evaluate_loss  # noqa: E402
 from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
 from refinery.model.lora import LoRAConfig, LoRATrainConfig, apply_lora, count_params  # noqa: E402
-from refinery.model.train import lr_at  # noqa: E402
+from refinery.model.train import cpu_has_fast_bf16, lr_at  # noqa: E402
 from refinery.storage.shards import TokenWindows, write_token_shard  # noqa: E402
+
+# bf16 only where the CPU has native bf16 instructions; elsewhere it is emulated about 15x slower.
+BF16 = cpu_has_fast_bf16()
 
 
 def shards(folder: Path, name: str, vocab: int, strides: tuple[int, ...], seed: int) -> tuple[Path, Path]:
@@ -67,14 +70,14 @@ def fine_tune(method: str, base_dir: str, train_path: str, val_path: str, steps:
             g["lr"] = lr_at(step, tc)  # type: ignore[arg-type]
         x, y = train.next_batch(batch)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
             _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    val_loss = evaluate_loss(model, val, batch, max_batches=8, autocast_dtype=torch.bfloat16)
+    val_loss = evaluate_loss(model, val, batch, max_batches=8, autocast_dtype=torch.bfloat16 if BF16 else None)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put({"method": method, "trainable": trainable, "total": total, "step_s": float(np.median(times[2:])),
                "peak_mb": peak_mb, "val_loss": val_loss})  # fmt: skip
@@ -101,12 +104,12 @@ def main() -> None:
         windows = TokenWindows([general[0]], seq)
         for _ in range(args.pretrain_steps):
             x, y = windows.next_batch(args.batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
                 _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        base_loss = evaluate_loss(model, TokenWindows([domain[1]], seq), args.batch, 8, torch.bfloat16)
+        base_loss = evaluate_loss(model, TokenWindows([domain[1]], seq), args.batch, 8, torch.bfloat16 if BF16 else None)
         save_checkpoint(folder / "base", model)
 
         ctx = mp.get_context("spawn")
@@ -125,7 +128,7 @@ def main() -> None:
 
     table = "\n".join([
         f"### fine-tuning, {args.preset} (vocab {args.vocab_size}), {args.steps} steps of {args.batch}x{seq} tokens, "
-        f"bf16 autocast, CPU; domain val loss before fine-tuning {base_loss:.4f}",
+        f"{'bf16 autocast' if BF16 else 'fp32'}, CPU; domain val loss before fine-tuning {base_loss:.4f}",
         "", "| | LoRA (r=8, attention + MLP) | full fine-tuning | LoRA / full |", "|---|---|---|---|",
         row("trainable parameters", "trainable", ",d"),
         row("median step time (s)", "step_s", ".3f"),
