@@ -10,28 +10,24 @@ Both systems use 5-word shingles and the same bands x rows (14 x 8 by default), 
 process so its peak memory (max RSS) is its own. Prints a markdown table; `--record` appends it to
 bench/RESULTS.md with a machine description.
 
-    python bench/dedup.py [--docs 4000] [--workers 2] [--record]
+    python -m bench.dedup [--docs 4000] [--workers 2] [--record]
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import multiprocessing as mp
+import random
+import re
+import resource
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-# bench/ holds scripts named like stdlib modules (tokenize.py); keep it off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
+from bench.common import record
 
 THRESHOLD = 0.8
 WORD = re.compile(r"\w+")
@@ -190,17 +186,6 @@ def measure(name: str, docs: list[dict], bands: int, rows: int, workers: int) ->
     return out
 
 
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    import datasketch
-    import datatrove
-    import duckdb
-    import numpy
-
-    return (f"{mp.cpu_count()} cores, {cpu}, Python {platform.python_version()}, numpy {numpy.__version__}, "
-            f"duckdb {duckdb.__version__}, datasketch {datasketch.__version__}, datatrove {datatrove.__version__}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=4000, help="base documents (half get an edited copy)")
@@ -232,8 +217,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n{table}\n\nMachine: {machine()}\n")
+        record(table, "numpy", "duckdb", "datasketch", "datatrove")
 
 
 if __name__ == "__main__":

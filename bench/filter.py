@@ -7,26 +7,20 @@ decision of both systems is compared per document; disagreements are broken down
 gives, so every systematic one can be explained (see docs/filter.md). Throughput runs every family on every
 document in one process.
 
-    python bench/filter.py [--docs 3000] [--record]
+    python -m bench.filter [--docs 3000] [--record]
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import random
+import re
+import time
+from collections import Counter
 
-# bench/ holds scripts named like stdlib modules (tokenize.py); keep it off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import pyarrow as pa
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
+from bench.common import record
 
 FAMILIES = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
 
@@ -106,15 +100,6 @@ def datatrove_decisions(docs: list[str], family: str | None) -> tuple[list[str |
     return out, time.perf_counter() - t0
 
 
-def machine() -> str:
-    import datatrove
-    import numpy
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    return (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, numpy {numpy.__version__}, "
-            f"pyarrow {pa.__version__}, datatrove {datatrove.__version__}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=3000)
@@ -151,8 +136,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n{table}\n\nMachine: {machine()}\n")
+        record(table, "numpy", "pyarrow", "py3langid", "datatrove")
 
 
 if __name__ == "__main__":

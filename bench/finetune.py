@@ -6,34 +6,29 @@ weights, with the same data, steps and schedule: once with LoRA (base frozen),
 once updating every weight. Peak memory is the resident-set high-water mark of a
 child process per method (CPU), or `torch.cuda.max_memory_allocated` on a GPU.
 
-    python bench/finetune.py [--preset cpu-small] [--steps 60] [--record]
+    python -m bench.finetune [--preset cpu-small] [--steps 60] [--record]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
 from pathlib import Path
 
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from refinery.model.checkpoint import load_model, save_checkpoint  # noqa: E402
-from refinery.model.evaluate import evaluate_loss  # noqa: E402
-from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
-from refinery.model.lora import LoRAConfig, LoRATrainConfig, apply_lora, count_params  # noqa: E402
-from refinery.model.train import cpu_has_fast_bf16, lr_at  # noqa: E402
-from refinery.storage.shards import TokenWindows, write_token_shard  # noqa: E402
+from bench.common import record
+from refinery.model.checkpoint import load_model, save_checkpoint
+from refinery.model.evaluate import evaluate_loss
+from refinery.model.gpt import GPT, config_from_preset
+from refinery.model.lora import LoRAConfig, LoRATrainConfig, apply_lora, count_params
+from refinery.model.train import cpu_has_fast_bf16, lr_at
+from refinery.storage.shards import TokenWindows, write_token_shard
 
 # bf16 only where the CPU has native bf16 instructions; elsewhere it is emulated about 15x slower.
 BF16 = cpu_has_fast_bf16()
@@ -138,10 +133,7 @@ def main() -> None:
     print(table)
     print(json.dumps(results))
     if args.record:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-        machine = f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}"
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n{table}\n\nMachine: {machine}\n")
+        record(table, "torch")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,25 @@
 """Decode throughput: Refinery's KV cache, no cache, and transformers `generate` on the exported weights.
 
-    python bench/generate.py [--new-tokens 512] [--batch 1] [--record]
+    python -m bench.generate [--new-tokens 512] [--batch 1] [--record]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, bench/ comes first on sys.path, where bench/tokenize.py would shadow the
-# standard library's tokenize module; drop it before anything imports inspect.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import os
+import tempfile
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+import transformers
+from safetensors.torch import save_file
 
-from refinery.model.export import llama_config, llama_state_dict  # noqa: E402
-from refinery.model.generate import generate  # noqa: E402
-from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
+from bench.common import record
+from refinery.model.export import llama_config, llama_state_dict
+from refinery.model.generate import generate
+from refinery.model.gpt import GPT, config_from_preset
 
 
 def timed(fn) -> float:
@@ -84,11 +77,7 @@ def main() -> None:
     )
     print(table)
     if args.record:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-        machine = (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}, "
-                   f"transformers {transformers.__version__}")  # fmt: skip
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n{table}\n\nMachine: {machine}\n")
+        record(table, "torch", "transformers")
 
 
 if __name__ == "__main__":

@@ -10,30 +10,24 @@ Refinery extracted (character-level similarity of whitespace-normalised text, an
 ratio of extracted characters). PDF and images need `unstructured[pdf]`/`[image]`,
 which pull a CUDA torch and download layout models, so the peer column reads n/a there.
 
-    python bench/ingest.py [--files 40] [--record]
+    python -m bench.ingest [--files 40] [--record]
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import concurrent.futures
+import difflib
+import json
+import multiprocessing
+import random
+import shutil
 import sys
+import time
+from concurrent.futures import Executor
+from pathlib import Path
 
-# Run as `python bench/ingest.py`, this folder leads sys.path, and a sibling script named like a
-# standard module (bench/tokenize.py) would shadow it: drop the folder from the path.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import concurrent.futures  # noqa: E402
-import difflib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import Executor  # noqa: E402
-from pathlib import Path  # noqa: E402
+from bench.common import record
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work" / "ingest"
@@ -165,25 +159,6 @@ def run_refinery(folder: Path, stage: Path, workers: int, batch_files: int = 64,
     return elapsed, {k: "\n\n".join(v) for k, v in by_file.items()}
 
 
-def machine() -> str:
-    import pyarrow
-    import unstructured
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from unstructured.__version__ import __version__ as uv
-
-    del unstructured
-    return (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, "
-            f"unstructured {uv}, pyarrow {pyarrow.__version__}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=40, help="files per format")
@@ -246,8 +221,7 @@ def main() -> None:
     table = "\n".join(header + rows)
     print(table)
     if args.record:
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## ingest ({time.strftime('%Y-%m-%d')})\n\n{machine()}\n\n{table}\n")
+        record(f"## ingest ({time.strftime('%Y-%m-%d')})\n\n{table}", "unstructured", "pyarrow")
 
 
 if __name__ == "__main__":

@@ -9,34 +9,29 @@ activations) on the same layers.
 Part 2 serves the model on loopback and sends a bounded burst of concurrent
 requests, once with batching (max_batch_size 8) and once without (1).
 
-    python bench/serve.py [--preset cpu-small] [--requests 48] [--record]
+    python -m bench.serve [--preset cpu-small] [--requests 48] [--record]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from refinery.model.evaluate import evaluate_loss  # noqa: E402
-from refinery.model.generate import generate  # noqa: E402
-from refinery.model.gpt import GPT, config_from_preset  # noqa: E402
-from refinery.model.quantize import memory_report, quantize_int8  # noqa: E402
-from refinery.model.train import cpu_has_fast_bf16  # noqa: E402
-from refinery.storage.shards import TokenWindows, write_token_shard  # noqa: E402
+from bench.common import record
+from refinery.model.evaluate import evaluate_loss
+from refinery.model.generate import generate
+from refinery.model.gpt import GPT, config_from_preset
+from refinery.model.quantize import memory_report, quantize_int8
+from refinery.model.train import cpu_has_fast_bf16
+from refinery.storage.shards import TokenWindows, write_token_shard
 
 
 def synthetic_shards(folder: Path, vocab: int) -> tuple[Path, Path]:
@@ -164,10 +159,7 @@ def main() -> None:
         ])  # fmt: skip
         print("\n" + serve_table)
     if args.record:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-        machine = f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, torch {torch.__version__}"
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n{quant_table}\n\n{serve_table}\n\nMachine: {machine}\n")
+        record(f"{quant_table}\n\n{serve_table}", "torch")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ One process run, the same texts for everyone:
 The corpus is built from text files found on this machine (Python sources,
 Markdown/reST, plain text, HTML), cut into documents of a few kilobytes.
 
-    python bench/tokenize.py [--mb 32] [--record]
+    python -m bench.tokenize [--mb 32] [--record]
 
 `--record` appends the table to bench/RESULTS.md with the machine described.
 Requires datatrove for its rows (`pip install datatrove`); without it they are skipped.
@@ -20,28 +20,21 @@ Requires datatrove for its rows (`pip install datatrove`); without it they are s
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file is named like the standard library's `tokenize`, which numpy imports indirectly:
-# keep the script's own folder off the import path so that `import tokenize` finds the real one.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
+from bench.common import machine, record
 from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter
 from refinery.storage.shards import TokenWindows
 from refinery.tasks.encode import ShardsConfig, run_encode
 from refinery.tasks.tokenizer import EOT, TokenizerConfig, load_tokenizer, run_train_tokenizer
 
+PACKAGES = ("tokenizers", "pyarrow", "numpy", "datatrove")
 FORMATS = {".py": "code", ".md": "markdown", ".rst": "markdown", ".txt": "text", ".html": "html"}
 SEARCH_ROOTS = [Path(sys.prefix), Path(sys.base_prefix), Path("/usr/share/doc"), Path("/usr/lib/python3")]
 
@@ -112,20 +105,6 @@ def loader_rate(files: list[Path], seq_len: int = 1024, batch: int = 32, steps: 
     return steps * batch * (seq_len + 1) / seconds
 
 
-def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    import tokenizers
-
-    try:
-        import datatrove
-
-        dt = f", datatrove {datatrove.__version__}" if hasattr(datatrove, "__version__") else ", datatrove"
-    except ImportError:
-        dt = ""
-    return (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, tokenizers {tokenizers.__version__}, "
-            f"pyarrow {pa.__version__}, numpy {np.__version__}{dt}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=32.0, help="corpus size in MB of UTF-8 text")
@@ -185,13 +164,11 @@ def main() -> None:
     for name, seconds in results:
         vs_dt = f"{best_dt / seconds:.2f}x" if best_dt else "n/a"
         lines.append(f"| {name} | {seconds:.2f} | {mb / seconds:.2f} | {ceiling / seconds:.0%} | {vs_dt} |")
-    lines += ["", f"Loader: {rate / 1e6:.0f} M tokens/s of windows (seq_len 1024, batch 32, TokenWindows.get_batch).",
-              "", f"Machine: {machine()}", ""]
+    lines += ["", f"Loader: {rate / 1e6:.0f} M tokens/s of windows (seq_len 1024, batch 32, TokenWindows.get_batch)."]
     table = "\n".join(lines)
-    print(table)
+    print(f"{table}\n\nMachine: {machine(*PACKAGES)}\n")
     if args.record:
-        with open(Path(__file__).with_name("RESULTS.md"), "a", encoding="utf-8") as f:
-            f.write(table + "\n")
+        record(table, *PACKAGES)
 
 
 if __name__ == "__main__":
