@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from refinery.storage.atomic import TMP_PREFIX, atomic_path
@@ -261,6 +260,8 @@ def read_table(paths: Sequence[str | os.PathLike[str]], columns: list[str] | Non
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("no Parquet files to read")
+    import pyarrow.dataset as ds  # here, not at the top: it imports pandas, slowing every worker's start
+
     return ds.dataset(paths, format="parquet").to_table(columns=columns)
 
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from refinery.storage.atomic import atomic_path, atomic_write_json
+from refinery.storage.atomic import atomic_write_json
 from refinery.storage.documents import (
     DROPPED_SCHEMA,
     ROW_GROUP_SIZE,
@@ -543,7 +543,12 @@ def _write_outputs(
 def _write_index(
     con: duckdb.DuckDBPyConnection, work: Path, stage_dir: Path, index: _Index, cfg: DedupConfig
 ) -> list:
-    """`signatures.parquet`: the earlier index plus this run's newly kept documents."""
+    """`signatures.parquet`: the earlier index plus this run's newly kept documents.
+
+    The rows stream from DuckDB into `ParquetWriter`, whose row groups depend on
+    the rows alone: a run that finds its own index already complete (killed
+    after writing it, before its manifest) rewrites it byte for byte.
+    """
     if not cfg.near:
         return []
     sources = [
@@ -557,12 +562,14 @@ def _write_index(
             "SELECT id, text_hash, signature, file_row_number AS node "
             f"FROM read_parquet('{index.path}', file_row_number = true)",
         )
+    schema = pa.schema(
+        [("id", pa.string()), ("text_hash", pa.binary()), ("signature", pa.list_(pa.uint32(), cfg.num_perm))]
+    )
     target = stage_dir / SIGNATURES
-    with atomic_path(target) as tmp:
-        con.execute(
-            f"COPY (SELECT id, text_hash, signature FROM ({' UNION ALL '.join(sources)}) ORDER BY node) "
-            f"TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)"
-        )
+    result = con.execute(f"SELECT id, text_hash, signature FROM ({' UNION ALL '.join(sources)}) ORDER BY node")
+    with ParquetWriter(target, schema) as writer:
+        for batch in result.to_arrow_reader(ROW_GROUP_SIZE):
+            writer.write(batch)
     atomic_write_json(stage_dir / SIGNATURES_KEY, cfg.signature_key())
     rows = pq.ParquetFile(target).metadata.num_rows
     return [describe_file(stage_dir, target, rows), describe_file(stage_dir, stage_dir / SIGNATURES_KEY)]

@@ -74,7 +74,6 @@ INDEX_SCHEMA = pa.schema(
         pa.field("docs", pa.int64()),
         pa.field("quarantined", pa.int64()),
         pa.field("status", pa.string()),  # ok | partial | quarantined | error
-        pa.field("parsed", pa.bool_()),  # parsed in this run (False: carried over unchanged)
     ]
 )
 _CONFIG_KEY = b"refinery.ingest.parse_config"
@@ -121,7 +120,7 @@ def _clean(text: str) -> str:
 def parse_file(sf: SourceFile, cfg: IngestConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
     """Documents, quarantine rows and the index row of one file. Never raises for bad input."""
     index = {"source": sf.uri, "rel": sf.rel, "size": sf.size, "mtime_ns": sf.mtime_ns, "sha256": None,
-             "kind": detect(sf.rel), "parsed": True}
+             "kind": detect(sf.rel)}
     items: list[Doc | Problem] = []
     data = b""
     if sf.error:
@@ -359,7 +358,9 @@ def run_ingest(
     docs = PartWriter(stage_dir, schema=DOCUMENT_SCHEMA, rows_per_part=ROWS_PER_PART)
     quarantine = ParquetWriter(stage_dir / QUARANTINE_FILE, schema=QUARANTINE_SCHEMA)
     reasons: Counter[str] = Counter()
-    index_rows = [{**row, "parsed": False} for row in plan.unchanged.values()]
+    # The index describes the sources, not this run: which files a run parsed is in its metrics, so a
+    # re-run (or a resumed run) over the same sources writes the same index, byte for byte.
+    index_rows = [{k: row.get(k) for k in INDEX_SCHEMA.names} for row in plan.unchanged.values()]
     try:
         _carry_over(prev, plan.unchanged, docs, quarantine)
         carried_docs = docs.rows
