@@ -15,6 +15,31 @@ import torch
 from refinery.model.gpt import GPT, KVCache
 
 
+def _decode_step(
+    model: GPT, cache: KVCache, tok: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One static-shape decoding step: (B, 1) tokens in, (B, vocab) float logits out."""
+    logits, _ = model(tok, cache=cache, positions=pos, mask=mask, slot=slot)
+    return logits[:, -1, :].float()
+
+
+_compiled_step: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """`_decode_step` through `torch.compile`, built once per process.
+
+    Shapes are static (the whole cache is attended under a mask), so a model,
+    batch size and cache length are traced once and later calls reuse the
+    kernels. The weights stay inputs of the compiled graph (no freezing), so
+    two models of the same shape can never share each other's weights.
+    """
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+    return _compiled_step
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest nucleus of mass top_p."""
     if top_k is not None and top_k < logits.shape[-1]:
@@ -40,12 +65,16 @@ def generate(
     seed: int = 0,
     on_token: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt (prompt excluded, end-of-text excluded).
 
     `temperature=0` is greedy. A row stops at `eos_id` or after `max_new_tokens`;
     `on_token(row, token)` is called for each new token as it is chosen.
     `use_cache=False` recomputes the whole sequence each step (for testing the cache).
+    `compile=True` runs every step after the prompt as one compiled static-shape
+    step (`compiled_decode_step`): the first call per shape pays for compiling
+    (seconds), later calls decode faster. It needs a C++ compiler on CPU.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start with the end-of-text id for no prompt)")
@@ -80,12 +109,19 @@ def generate(
     model_was_training = model.training
     model.eval()
     cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype) if use_cache else None
+    step = compiled_decode_step() if compile and cache is not None else None
+    slots = torch.arange(total, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
     cur = P
     try:
         for _ in range(max_new_tokens):
-            if cache is not None:
+            if step is not None and cur > P:  # after the prompt: one static step per token
+                slot = slots[cur - 1 : cur]
+                pos = (positions[:, cur - 1 : cur] if positions is not None else slot.expand(B, 1)).contiguous()
+                seen = (valid & (slots < cur))[:, None, None, :]
+                logits = step(model, cache, tokens[:, cur - 1 : cur], slot, pos, seen)[:, None, :]
+            elif cache is not None:
                 start = cache.pos
                 idx = tokens[:, start:cur]
                 pos = positions[:, start:cur] if positions is not None else None

@@ -94,17 +94,21 @@ def config_from_preset(name: str, vocab_size: int, **overrides: Any) -> GPTConfi
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (max_len, head_dim/2), in the `rotate_half` convention Llama uses."""
+    """cos and signed sin of shape (max_len, head_dim), in the `rotate_half` convention Llama uses.
+
+    Pair (i, i + D/2) rotates by angle_i: cos is [cos, cos] and sin is [-sin, sin], so
+    that `apply_rope` is two products and a sum over the whole head at once.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).float(), torch.cat((-sin, sin), dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the angles in cos/sin (T or B,1,T, D/2)."""
+    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the angles in cos/sin (T or B,1,T, D) of `rope_tables`."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -114,22 +118,56 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.device.type == "cpu":
+            return RMSNormFn.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class RMSNormFn(torch.autograd.Function):
+    """x / rms(x) * weight with a hand-written backward, for training on a CPU.
+
+    On a CPU `F.rms_norm` runs as half a dozen separate operations forward and
+    more backward; this keeps the normalised input and 1/rms from the forward pass
+    and needs fewer passes over the activations backward (the norms were ~9% of
+    a training step of the small presets). Same formula, same values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        rstd = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).add_(eps))
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_xhat = grad * weight
+        grad_weight = (grad * xhat).flatten(0, -2).sum(0)
+        dot = (grad_xhat * xhat).mean(dim=-1, keepdim=True)
+        return torch.addcmul(grad_xhat, xhat, dot, value=-1).mul_(rstd), grad_weight, None
+
+
 class KVCache:
-    """Pre-allocated keys and values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
+    """Pre-allocated keys and values, one (B, n_kv_head, max_len, head_dim) tensor per layer.
+
+    One tensor per layer, not one for all layers, so that a compiled step's
+    in-place write of one slot stays in place instead of copying the cache.
 
     `pos` is the number of positions already written; the model writes the next
-    `T` positions at each forward call and advances it.
+    `T` positions at each forward call and advances it. A static decoding step
+    (`GPT.forward(..., slot=...)`) instead writes one position at the slot it is
+    given and leaves `pos` alone, so that its shapes never change.
     """
 
     def __init__(
         self, cfg: GPTConfig, batch_size: int, max_len: int, device: torch.device | str, dtype: torch.dtype
     ):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        # Zeros, not empty: a static step attends over unwritten slots under a mask, and a
+        # masked weight of 0 times a NaN left in uninitialised memory would still be NaN.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0
 
@@ -150,19 +188,26 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer: int,
         mask: torch.Tensor | None,
+        slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
         # q and k sit side by side in the fused projection: rotate them in one pass (half the ops per token).
-        q, k = apply_rope(qkv[:, : H + Hkv], cos, sin).split((H, Hkv), dim=1)
-        v = qkv[:, H + Hkv :]
+        # split, not slicing: its backward concatenates the grads instead of zero-filling
+        # a full-size tensor per slice and adding them.
+        qk, v = qkv.split((H + Hkv, Hkv), dim=1)
+        q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=1)
         is_causal = mask is None and T > 1
-        if cache is not None:
+        if cache is not None and slot is not None:  # static step: write one slot, attend over the whole cache
+            cache.k[layer].index_copy_(2, slot, k)
+            cache.v[layer].index_copy_(2, slot, v)
+            k, v = cache.k[layer], cache.v[layer]
+        elif cache is not None:
             start = cache.pos
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
             if start > 0 and T > 1 and mask is None:  # a chunk after a prefix: causal with an offset
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             is_causal = is_causal and start == 0
@@ -185,8 +230,36 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gu = self.gate_up(x)
+        if torch.is_grad_enabled():
+            return self.down(SiluGate.apply(gu))
+        gate, up = gu.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class SiluGate(torch.autograd.Function):
+    """silu(gate) * up for gate, up = the two halves of `gu`, with the gradient written in place.
+
+    Autograd's own version computes the two halves' gradients separately and then
+    concatenates them: one more pass over the widest activation of the block.
+    """
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate, up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        gate, up, act = ctx.saved_tensors
+        grad_gu = torch.empty(*gate.shape[:-1], 2 * gate.shape[-1], dtype=grad.dtype, device=grad.device)
+        grad_gate, grad_up = grad_gu.chunk(2, dim=-1)
+        torch.mul(grad, act, out=grad_up)
+        torch.mul(grad, up, out=grad_gate)  # d(loss)/d(act), then through silu in place
+        torch.ops.aten.silu_backward(grad_gate, gate, grad_input=grad_gate)
+        return grad_gu
 
 
 class Block(nn.Module):
@@ -198,8 +271,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache, layer, mask):  # type: ignore[no-untyped-def]
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
+    def forward(self, x, cos, sin, cache, layer, mask, slot=None):  # type: ignore[no-untyped-def]
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask, slot))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -229,16 +302,32 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h2)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            buf = torch.empty(min(chunk_rows, n), w.shape[0], dtype=torch.float32, device=h.device)
+            gbuf = torch.empty_like(buf, dtype=dtype) if dtype != torch.float32 else None
             for s in range(0, n, chunk_rows):
                 hc, tc = h2[s : s + chunk_rows], t[s : s + chunk_rows]
-                logits = (hc @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                # Every pass over the (rows, vocab) logits is in place: at this size the
+                # passes are bound by memory, and a fresh temporary per pass costs more
+                # (page faults on new memory) than the arithmetic.
+                logits = buf[: hc.shape[0]]  # one buffer for every chunk's logits
+                if dtype == torch.float32:
+                    torch.mm(hc, w.T, out=logits)
+                else:
+                    logits.copy_(hc @ w.T)
+                target = logits.gather(1, tc[:, None]).squeeze(1)
+                peak = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(peak).exp_()  # unnormalised softmax
+                norm = probs.sum(dim=-1, keepdim=True)
+                total += (peak.squeeze(1) + norm.log().squeeze(1) - target).sum()
                 if not need_grad:
                     continue
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
-                g = probs.div_(n).to(dtype)
+                # The gradient of the mean loss, (softmax - one-hot) / n, in one pass that also
+                # casts to the matmul dtype: subtract the one-hot scaled by norm first.
+                probs.scatter_add_(1, tc[:, None], -norm)
+                if dtype == torch.float32:
+                    g = probs.div_(norm * n)
+                else:
+                    g = torch.div(probs, norm * n, out=gbuf[: hc.shape[0]])
                 grad_h[s : s + chunk_rows] = g @ w
                 if dtype == torch.float32:
                     grad_w.addmm_(g.T, hc)
@@ -272,7 +361,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_chunk_rows = 2048
+        self.loss_chunk_rows = 512
         self.apply(self._init_weights)
         # Residual branches start small so the sum of 2 * n_layer of them stays O(1) (GPT-2).
         for block in self.blocks:
@@ -292,15 +381,23 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits, None) without targets; (None, mean loss in nats) with them.
 
         For generation: `cache` continues from `cache.pos`; `positions` (B, T) gives
         per-row positions and `mask` (B, 1, T, S) which keys each query may see, for
         left-padded batches of prompts of different lengths.
+
+        A static decoding step passes `slot`, a (1,) tensor: the one new position
+        per row goes to that cache slot, and attention runs over the whole cache
+        under `mask` (B, 1, 1, cache.max_len), with `positions` (B, 1) required.
+        Every shape is then fixed, so `torch.compile` traces the step once.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
+        if slot is not None and (cache is None or positions is None or mask is None or T != 1):
+            raise ValueError("a static step (slot) needs a cache, positions, a mask and one token per row")
+        start = cache.pos if cache is not None and slot is None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.seq_len}")
         if positions is None:
@@ -309,8 +406,8 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.drop(self.embed(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, mask)
-        if cache is not None:
+            x = block(x, cos, sin, cache, i, mask, slot)
+        if cache is not None and slot is None:
             cache.pos += T
         x = self.norm(x)
         if targets is None:

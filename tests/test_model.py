@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -66,6 +67,41 @@ def test_fused_loss_matches_cross_entropy_and_its_gradients():
         assert model(x, y)[1].item() == pytest.approx(reference.item(), abs=1e-6)
 
 
+def test_fused_loss_under_bf16_autocast_matches_cross_entropy():
+    model = tiny()
+    model.loss_chunk_rows = 37
+    x, y = torch.randint(0, 97, (3, 50)), torch.randint(0, 97, (3, 50))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, y)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+        reference = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    reference.backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-2)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(fused[name], p.grad, atol=2e-3, rtol=5e-2, msg=name)
+
+
+def test_hand_written_backward_passes_match_autograd():
+    """RMSNormFn and SiluGate (the CPU training fast paths) against numerical gradients and plain ops."""
+    from refinery.model.gpt import RMSNormFn, SiluGate
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFn.apply(a, b, 1e-5), (x, w))
+    torch.testing.assert_close(RMSNormFn.apply(x, w, 1e-5), F.rms_norm(x, (8,), w, 1e-5))
+    gu = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SiluGate.apply, (gu,))
+    gate, up = gu.chunk(2, dim=-1)
+    torch.testing.assert_close(SiluGate.apply(gu), F.silu(gate) * up)
+
+
 def test_model_overfits_a_tiny_batch():
     model = tiny()
     x = torch.randint(0, 97, (4, 32))
@@ -113,6 +149,40 @@ def test_cached_greedy_generation_equals_uncached_and_rows_equal_alone():
     assert all(len(row) == 24 for row in cached)
     # Left padding changes nothing: each row decodes as it would alone.
     assert [generate(model, [p], 24, temperature=0)[0] for p in prompts] == cached
+
+
+def test_static_decode_step_equals_the_growing_cache_step():
+    """The slot-addressed step that `compile=True` runs gives the logits of the plain cached step."""
+    model = tiny(vocab=97, n_kv_head=2).eval()
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    grow = KVCache(model.cfg, 2, 16, "cpu", torch.float32)
+    static = KVCache(model.cfg, 2, 16, "cpu", torch.float32)
+    slots = torch.arange(16)
+    with torch.no_grad():
+        model(x[:, :8], cache=grow)
+        model(x[:, :8], cache=static)
+        for t in range(8, 16):
+            expected = model(x[:, t : t + 1], cache=grow)[0]
+            mask = (slots <= t).expand(2, 16)[:, None, None, :]
+            got = model(x[:, t : t + 1], cache=static, positions=slots[t : t + 1].expand(2, 1).contiguous(),
+                        mask=mask, slot=slots[t : t + 1])[0]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert static.pos == 8  # the static step never moves the cache's cursor
+    with pytest.raises(ValueError, match="static step"):
+        model(x[:, :2], cache=static, slot=slots[:1])
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on CPU needs a C++ compiler (install g++) to build its kernels",
+)
+def test_compiled_generation_gives_the_tokens_of_eager_generation():
+    model = tiny(vocab=97, n_kv_head=2).eval()
+    prompts = [[5, 6, 7], [20], [1, 2, 3, 4, 5, 6, 7, 8]]  # left-padded: masks and positions per row
+    eager = generate(model, prompts, 12, temperature=0)
+    assert generate(model, prompts, 12, temperature=0, compile=True) == eager
+    sampled = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5)
+    assert generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5, compile=True) == sampled
 
 
 def test_generation_samples_streams_and_stops_at_eos():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,23 @@ def test_registered_model_generates_through_pyfunc(first_run) -> None:
     model = mlflow.pyfunc.load_model("models:/refinery-lm/1")
     out = model.predict(["def "], params={"max_new_tokens": 5})
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_cli_generate_streams_the_same_text_eager_and_compiled(first_run) -> None:
+    root = first_run[0]
+
+    def generate(*extra: str) -> str:
+        cmd = [sys.executable, "-m", "refinery", "generate", "def ", "--root", str(root),
+               "--max-new-tokens", "12", "--temperature", "0", *extra]
+        proc = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    eager = generate()
+    assert eager.startswith("def ") and len(eager.rstrip("\n")) > len("def ")  # a tiny model may emit spaces
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("--compile needs a C++ compiler (install g++); the eager path was checked")
+    assert generate("--compile") == eager
 
 
 def test_prefect_records_the_flow_run(first_run) -> None:
