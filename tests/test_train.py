@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,19 @@ def test_config_rejects_bad_values_naming_the_key(shards, tmp_path):
         run(config(tokens_per_step=100), shards, tmp_path / "out")
 
 
+def test_auto_precision_picks_bf16_on_a_cpu_only_with_amx():
+    from refinery.model.train import cpu_has_fast_bf16, resolve_precision
+
+    assert cpu_has_fast_bf16("flags : fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    assert not cpu_has_fast_bf16("flags : fpu avx2 avx512f avx512_bf16")  # dot products only: slower than fp32
+    assert not cpu_has_fast_bf16("flags : fpu avx2")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_precision("fp16", cpu)
+
+
 def test_schedule_warms_up_then_decays_to_min_lr():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(0.1)
@@ -101,6 +115,21 @@ def test_training_writes_outputs_and_beats_the_unigram_baseline(shards, tmp_path
     assert result.val_loss < unigram_loss(train_tokens, val_tokens, VOCAB) - 0.5
     model = load_model(result.checkpoint_dir)
     assert model.num_params() == result.num_params
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on CPU needs a C++ compiler (install g++) to build its kernels",
+)
+def test_compiled_training_follows_eager_training_and_saves_plain_weights(shards, tmp_path):
+    eager = run(config(max_steps=4, eval_every=4, checkpoint_every=4), shards, tmp_path / "eager")
+    compiled = run(config(max_steps=4, eval_every=4, checkpoint_every=4, compile=True), shards, tmp_path / "compiled")
+    a, b = losses(eager.metrics_file), losses(compiled.metrics_file)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    np.testing.assert_allclose([loss for _, loss in a], [loss for _, loss in b], rtol=1e-4)
+    weights = load_model(compiled.checkpoint_dir).state_dict()  # loads into a plain GPT: no compile prefixes
+    for name, p in load_model(eager.checkpoint_dir).state_dict().items():
+        torch.testing.assert_close(weights[name], p, rtol=1e-3, atol=1e-4)
 
 
 def test_gradient_accumulation_matches_one_large_batch(shards, tmp_path):
