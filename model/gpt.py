@@ -361,7 +361,9 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_chunk_rows = 512
+        # Rows of logits per chunk of the loss; None: 512 on a CPU (fastest of 256-2048 measured on
+        # cpu-small, the chunk stays in cache), 2048 elsewhere (larger matmuls for a GPU).
+        self.loss_chunk_rows: int | None = None
         self.apply(self._init_weights)
         # Residual branches start small so the sum of 2 * n_layer of them stays O(1) (GPT-2).
         for block in self.blocks:
@@ -413,7 +415,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         need_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-        loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets, self.loss_chunk_rows, need_grad)
+        chunk_rows = self.loss_chunk_rows or (512 if x.device.type == "cpu" else 2048)
+        loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets, chunk_rows, need_grad)
         return None, loss
 
     def num_params(self) -> int:
