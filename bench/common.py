@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def machine(*packages: str) -> str:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{name} (not installed)")
-    return ", ".join([f"{os.cpu_count()} cores", cpu_model(), f"Python {platform.python_version()}", *versions])
+    torch = sys.modules.get("torch")  # only benchmarks that use torch can have used a GPU
+    gpus = [torch.cuda.get_device_name(0)] if torch is not None and torch.cuda.is_available() else []
+    return ", ".join([f"{os.cpu_count()} cores", cpu_model(), *gpus, f"Python {platform.python_version()}", *versions])
 
 
 def record(text: str, *packages: str) -> None:
