@@ -8,7 +8,6 @@ instant and Prefect's database lands inside the run root.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -204,14 +203,15 @@ def generate(
     """Generate text with a trained model, streaming tokens to the terminal (KV-cached decoding)."""
     configure_environment(root)
     from refinery.flows.server import load_for_serving
+    from refinery.model.generate import compile_unavailable
     from refinery.model.generate import generate as gen
 
     try:
         net, tok = load_for_serving(model, root=root, int8=int8)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    if compile and next(net.parameters()).device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
-        _fail("--compile on a CPU needs a C++ compiler for torch.compile's kernels: install g++ (apt install g++), or leave out --compile")
+    if compile and (reason := compile_unavailable(next(net.parameters()).device)):
+        _fail(f"--compile: {reason}")
     eot = tok.token_to_id("<|endoftext|>")
     typer.echo(prompt, nl=False)
     produced: list[int] = []

@@ -8,6 +8,7 @@ decoding allocates nothing per token.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,13 @@ def _decode_step(
 
 
 _compiled_step: Callable[..., torch.Tensor] | None = None
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why `compile=True` can't run on `device`, or None when it can."""
+    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        return "torch.compile on a CPU needs a C++ compiler for its kernels: install g++ (apt install g++), or decode without compiling"
+    return None
 
 
 def compiled_decode_step() -> Callable[..., torch.Tensor]:
@@ -81,6 +89,8 @@ def generate(
     if temperature < 0:
         raise ValueError("temperature must be >= 0 (0 is greedy)")
     device = next(model.parameters()).device
+    if compile and (reason := compile_unavailable(device)):
+        raise ValueError(reason)
     lengths = [len(p) for p in prompts]
     B, P = len(prompts), max(lengths)
     total = P + max_new_tokens
@@ -110,7 +120,7 @@ def generate(
     model.eval()
     cache = KVCache(model.cfg, B, total, device, next(model.parameters()).dtype) if use_cache else None
     step = compiled_decode_step() if compile and cache is not None else None
-    slots = torch.arange(total, device=device)
+    slots = torch.arange(total, device=device) if step is not None else None
     out: list[list[int]] = [[] for _ in range(B)]
     finished = [False] * B
     cur = P

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from refinery.model.evaluate import bits_per_byte, unigram_loss
-from refinery.model.generate import generate
+from refinery.model.generate import compile_unavailable, generate
 from refinery.model.gpt import GPT, PRESETS, GPTConfig, KVCache, config_from_preset
 
 # Tiny matmuls are fastest, and steadiest on a shared machine, on one thread.
@@ -173,8 +172,7 @@ def test_static_decode_step_equals_the_growing_cache_step():
 
 
 @pytest.mark.skipif(
-    shutil.which("g++") is None and shutil.which("c++") is None,
-    reason="torch.compile on CPU needs a C++ compiler (install g++) to build its kernels",
+    compile_unavailable(torch.device("cpu")) is not None, reason=str(compile_unavailable(torch.device("cpu")))
 )
 def test_compiled_generation_gives_the_tokens_of_eager_generation():
     model = tiny(vocab=97, n_kv_head=2).eval()
@@ -183,6 +181,15 @@ def test_compiled_generation_gives_the_tokens_of_eager_generation():
     assert generate(model, prompts, 12, temperature=0, compile=True) == eager
     sampled = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5)
     assert generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5, compile=True) == sampled
+
+
+def test_compiled_generation_without_a_compiler_says_what_to_install(monkeypatch):
+    import refinery.model.generate as gen_module
+
+    monkeypatch.setattr(gen_module.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="install g\\+\\+"):
+        generate(tiny().eval(), [[1, 2]], 4, temperature=0, compile=True)
+    assert len(generate(tiny().eval(), [[1, 2]], 4, temperature=0)[0]) == 4  # eager needs no compiler
 
 
 def test_generation_samples_streams_and_stops_at_eos():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,8 +187,12 @@ def test_cli_generate_streams_the_same_text_eager_and_compiled(first_run) -> Non
 
     eager = generate()
     assert eager.startswith("def ") and len(eager.rstrip("\n")) > len("def ")  # a tiny model may emit spaces
-    if shutil.which("g++") is None and shutil.which("c++") is None:
-        pytest.skip("--compile needs a C++ compiler (install g++); the eager path was checked")
+    import torch
+
+    from refinery.model.generate import compile_unavailable
+
+    if reason := compile_unavailable(torch.device("cpu")):
+        pytest.skip(f"{reason}; the eager path was checked")
     assert generate("--compile") == eager
 
 

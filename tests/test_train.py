@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from refinery.model.checkpoint import load_model, load_train_state
 from refinery.model.evaluate import unigram_loss
+from refinery.model.generate import compile_unavailable
 from refinery.model.train import TrainConfig, lr_at, train
 from refinery.storage.shards import TokenWindows, map_tokens, write_token_shard
 
@@ -118,8 +118,7 @@ def test_training_writes_outputs_and_beats_the_unigram_baseline(shards, tmp_path
 
 
 @pytest.mark.skipif(
-    shutil.which("g++") is None and shutil.which("c++") is None,
-    reason="torch.compile on CPU needs a C++ compiler (install g++) to build its kernels",
+    compile_unavailable(torch.device("cpu")) is not None, reason=str(compile_unavailable(torch.device("cpu")))
 )
 def test_compiled_training_follows_eager_training_and_saves_plain_weights(shards, tmp_path):
     eager = run(config(max_steps=4, eval_every=4, checkpoint_every=4), shards, tmp_path / "eager")
