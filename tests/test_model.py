@@ -181,6 +181,12 @@ def test_compiled_generation_gives_the_tokens_of_eager_generation():
     assert generate(model, prompts, 12, temperature=0, compile=True) == eager
     sampled = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5)
     assert generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5, compile=True) == sampled
+    # int8 weights (`refinery generate --int8 --compile`) trace through the same step.
+    from refinery.model.quantize import quantize_int8
+
+    quantize_int8(model)
+    eager_int8 = generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5)
+    assert generate(model, prompts, 12, temperature=0.9, top_k=20, seed=5, compile=True) == eager_int8
 
 
 def test_compiled_generation_without_a_compiler_says_what_to_install(monkeypatch):
