@@ -32,8 +32,6 @@ import os
 import shutil
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from refinery.storage.atomic import atomic_write_json, sweep_temporaries
 from refinery.storage.documents import DROPPED_SCHEMA, ParquetWriter, dropped_rows
 from refinery.storage.manifest import Counts, StageResult, describe_file, file_sha256, stable_hash
 from refinery.storage.shards import SHARD_SUFFIX, is_val, token_dtype, write_token_shard_arrays
+from refinery.tasks.parallel import executor_workers, map_in_order
 from refinery.tasks.tokenizer import EOT, load_tokenizer
 
 STAGE = "shards"
@@ -162,25 +161,6 @@ def _no_tokenizer_threads() -> None:
     """Worker processes encode on one thread each; the pool provides the parallelism."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
-
-
-def _ordered_map(
-    fn: Callable[[EncodeTask], EncodedBatch],
-    tasks: Iterable[EncodeTask],
-    executor: cf.Executor | None,
-    ahead: int,
-) -> Iterator[EncodedBatch]:
-    """`map` in task order with at most `ahead` tasks submitted and not yet consumed."""
-    if executor is None:
-        yield from map(fn, tasks)
-        return
-    pending: deque[cf.Future[EncodedBatch]] = deque()
-    for task in tasks:
-        pending.append(executor.submit(fn, task))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 @dataclass
@@ -407,12 +387,14 @@ def run_encode(
     # Without an executor: threads of this process (the tokenizer releases the GIL, so reading and
     # flattening one row group overlaps encoding the next), or `workers` processes of our own.
     if executor is not None:
-        pool, own_pool, ahead = executor, None, cfg.in_flight * max(1, os.cpu_count() or 1)
+        pool, own_pool, ahead = executor, None, cfg.in_flight * executor_workers(executor)
     elif cfg.workers > 1:
         context = multiprocessing.get_context("spawn")
         own_pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_no_tokenizer_threads)
         pool, ahead = own_pool, cfg.in_flight * cfg.workers
     else:
+        # Two threads and `in_flight` row groups pending: the next row group is read and encoded
+        # (on the tokenizer's own threads) while this thread routes the one before it.
         own_pool = cf.ThreadPoolExecutor(2, thread_name_prefix="encode")
         pool, ahead = own_pool, cfg.in_flight
 
@@ -420,7 +402,7 @@ def run_encode(
     bar = tqdm(total=total_docs, initial=min(resume_at, total_docs), desc="shards: encoding", unit="doc",
                disable=not progress)
     try:
-        for batch in _ordered_map(encode_row_group, tasks, pool, ahead):
+        for batch in map_in_order(encode_row_group, ((task,) for task in tasks), pool, ahead):
             writer.add(batch)
             bar.update(len(batch.lengths))
         writer.finish()

@@ -203,3 +203,33 @@ def test_missing_tokenizer_says_what_to_do(corpus, tmp_path: Path) -> None:
     _, files, _, _ = corpus
     with pytest.raises(FileNotFoundError, match="tokenizer stage"):
         run_encode(files, tmp_path / "nope.json", tmp_path / "shards", CFG, progress=False)
+
+
+@pytest.mark.parametrize("in_flight", [None, 1, 3])
+def test_map_in_order_keeps_order_and_bounds_pending_items(in_flight: int | None) -> None:
+    import threading
+
+    from refinery.tasks.parallel import PER_WORKER, map_in_order
+
+    drawn = 0
+
+    def items():
+        nonlocal drawn
+        for i in range(40):
+            drawn += 1
+            yield (i,)
+
+    def slow_square(i: int) -> int:  # later items often finish first
+        time.sleep(random.Random(i).random() / 500)
+        return i * i
+
+    bound = in_flight or PER_WORKER * 4
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = []
+        for n, value in enumerate(map_in_order(slow_square, items(), pool, in_flight)):
+            assert drawn - n <= bound  # submitted and not yet consumed, this one included
+            results.append(value)
+    assert results == [i * i for i in range(40)]
+    threads = set()
+    in_process = list(map_in_order(lambda i: threads.add(threading.get_ident()) or i, items(), None))
+    assert in_process == list(range(40)) and threads == {threading.get_ident()}

@@ -205,6 +205,8 @@ def build_corpus(root: Path) -> tuple[dict[str, str], dict[str, str]]:
         z.writestr("zeros.txt", b"\0" * (12 * 2**20))
     put("bomb.zip", bomb.getvalue())
     bad["bomb.zip"] = "decompression_limit"
+    put("bomb.jsonl.gz", gzip.compress(b"\n" * (12 * 2**20)))  # a gzip bomb is named as such, not "corrupt"
+    bad["bomb.jsonl.gz"] = "decompression_limit"
     put("scripts.html", "<html><head><script>alert(1)</script></head><body><script>x()</script></body></html>")
     bad["scripts.html"] = "no_text"
     put("blob.xyz", os.urandom(4096) + b"\0")
@@ -432,7 +434,7 @@ def test_archives_stay_inside_and_nest(tmp_path: Path) -> None:
 
 
 def test_html_main_content_survives_boilerplate_classes() -> None:
-    from refinery.tasks.ingest.readers import html_to_text
+    from refinery.tasks.ingest.formats.html import html_to_text
 
     page = ("<html><head><title>T</title></head><body><header>Site banner</header>"
             "<div class='layout has-sidebar'><p>" + PROSE * 5 + "</p>"

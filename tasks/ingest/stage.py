@@ -43,18 +43,12 @@ from refinery.storage.documents import (
     iter_batches,
 )
 from refinery.storage.manifest import MANIFEST_NAME, Counts, StageResult, stable_hash
+from refinery.tasks.ingest.base import Context, Doc, Problem
 from refinery.tasks.ingest.config import IngestConfig
-from refinery.tasks.ingest.readers import (
-    Context,
-    Doc,
-    FileTimeout,
-    Problem,
-    ReadError,
-    detect,
-    read_blob,
-    time_limit,
-)
+from refinery.tasks.ingest.formats import detect, read_blob
 from refinery.tasks.ingest.sources import SourceFile, list_sources, open_source
+from refinery.tasks.ingest.watchdog import parse_guarded
+from refinery.tasks.parallel import map_in_order
 
 STAGE = "ingest"
 QUARANTINE_FILE = "quarantine.parquet"
@@ -135,6 +129,7 @@ def parse_file(sf: SourceFile, cfg: IngestConfig) -> tuple[list[dict[str, Any]],
             items.append(Problem("unreadable", f"{exc.strerror or exc}; check the file's permissions"))
         else:
             index["sha256"] = hashlib.sha256(data).hexdigest()
+            index["kind"] = detect(sf.rel, data)  # a format may claim a file by its content
             index["size"] = len(data) if sf.size < 0 else sf.size
             if len(data) > cfg.max_file_bytes:
                 items.append(Problem("too_large", f"over max_file_bytes={cfg.max_file_bytes}"))
@@ -156,26 +151,7 @@ def parse_file(sf: SourceFile, cfg: IngestConfig) -> tuple[list[dict[str, Any]],
 
 def _parse_items(sf: SourceFile, data: bytes, cfg: IngestConfig) -> list[Doc | Problem]:
     ctx = Context(cfg, deadline=time.monotonic() + cfg.file_timeout_s)
-    items: list[Doc | Problem] = []
-    try:
-        with time_limit(cfg.file_timeout_s):
-            for item in read_blob(sf.rel, data, ctx):
-                items.append(item)
-    except FileTimeout:
-        # Partial output of a timed-out file would depend on machine speed: keep none of it.
-        return [Problem("timeout", f"parsing took longer than file_timeout_s={cfg.file_timeout_s}; "
-                                   "raise it or split the file")]
-    except ReadError as exc:
-        items.append(Problem(exc.reason, exc.message))
-    except MemoryError:
-        items.append(Problem("too_large", "ran out of memory parsing this file; lower max_file_bytes"))
-    except RecursionError:
-        items.append(Problem("parse_error", "structure nested too deeply to parse"))
-    except Exception as exc:  # noqa: BLE001 (a parser bug on one file must not stop the run)
-        items.append(Problem("parse_error", f"{type(exc).__name__}: {exc}"))
-    if not items:
-        items.append(Problem("no_records", "file holds no records"))
-    return items
+    return parse_guarded(lambda: read_blob(sf.rel, data, ctx), cfg.file_timeout_s)
 
 
 def parse_batch(files: list[SourceFile], cfg: IngestConfig) -> BatchResult:
@@ -315,17 +291,16 @@ def _carry_over(prev: Path, keep: dict[str, Any], docs: PartWriter, quarantine: 
 def _map_batches(
     batches: list[list[SourceFile]], cfg: IngestConfig, executor: Executor | None, files: list[SourceFile]
 ) -> Iterator[BatchResult]:
-    if executor is not None:
-        yield from executor.map(parse_batch, batches, [cfg] * len(batches))
-        return
+    """Parsed batches in order, through `executor`, a pool of `cfg.workers` processes, or in-process."""
+    work = ((batch, cfg) for batch in batches)
     in_memory = any(sf.protocol == "memory" for sf in files)  # an in-memory filesystem lives in this process
     # Starting processes costs seconds: worth it only with a few batches for each of them.
-    if cfg.workers <= 1 or len(batches) < 2 * cfg.workers or in_memory:
-        yield from (parse_batch(b, cfg) for b in batches)
+    if executor is not None or cfg.workers <= 1 or len(batches) < 2 * cfg.workers or in_memory:
+        yield from map_in_order(parse_batch, work, executor)
         return
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=ctx) as pool:
-        yield from pool.map(parse_batch, batches, [cfg] * len(batches))
+        yield from map_in_order(parse_batch, work, pool)
 
 
 def run_ingest(
