@@ -21,7 +21,8 @@ first matching n-gram's words, `decontam_eval_set`: the evaluation file it came
 from) are columns like every other filter signal; the selection drops a
 document whose count exceeds `max_ngram_matches` under the reason `contaminated`,
 with the matched span in the drop's `detail`. `max_ngram_matches: null` only
-flags: the columns stay on the kept documents.
+flags: the columns stay on the kept documents. The rule family (settings, rules)
+is `refinery.tasks.quality.decontamination`; this module reads, hashes and indexes.
 """
 
 from __future__ import annotations
@@ -33,62 +34,23 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from refinery.storage.manifest import file_sha256
+
+if TYPE_CHECKING:
+    from refinery.tasks.quality.decontamination import DecontaminationRules
 
 EVAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 # Words are runs of letters, digits, marks and underscores (RE2 syntax, matched by Arrow).
 _NON_WORD = r"[^\p{L}\p{N}\p{M}_]+"
 # Odd 64-bit multiplier for the rolling hash (from splitmix64); any large odd constant works.
 _BASE = np.uint64(0x9E3779B97F4A7C15)
-
-
-class DecontaminationRules(BaseModel):
-    """Evaluation sets to protect, and how much overlap a training document may have with them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    eval_sets: list[str] = Field(
-        default_factory=list,
-        description="JSONL, JSON-lines, Parquet or text files, or folders of them; empty turns the rule off",
-    )
-    text_field: str = Field("text", min_length=1, description="field holding the text in JSONL and Parquet eval sets")
-    n: int = Field(13, ge=3, le=64, description="words per n-gram")
-    max_ngram_matches: int | None = Field(
-        0, ge=0, description="drop a document with more matching n-grams than this; null only flags"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _ignore_recorded_digest(cls, data: Any) -> Any:
-        """A dumped config carries `eval_sets_digest`; it is recomputed, never read back."""
-        if isinstance(data, dict) and "eval_sets_digest" in data:
-            data = {k: v for k, v in data.items() if k != "eval_sets_digest"}
-        return data
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def eval_sets_digest(self) -> str:
-        """Checksum of the evaluation files' contents: part of the config hash, so editing an eval set re-runs the filter."""
-        if not self.active():
-            return ""
-        files = [[str(p), file_sha256(p)] for p in eval_set_files(self.eval_sets)]
-        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
-
-    def active(self) -> bool:
-        return self.enabled and bool(self.eval_sets)
-
-    def signal_params(self) -> dict[str, Any]:
-        """What the cached signals depend on: n, the field, and the eval files' contents."""
-        return {"n": self.n, "text_field": self.text_field, "eval_sets": self.eval_sets_digest}
 
 
 # --------------------------------------------------------------------------- reading evaluation sets
@@ -109,6 +71,12 @@ def eval_set_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
                 "(JSONL/Parquet/text files or folders)"
             )
     return sorted(set(out))
+
+
+def eval_sets_digest(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """Checksum of the evaluation files' names and contents (what the signals depend on, not their mtimes)."""
+    files = [[str(p), file_sha256(p)] for p in eval_set_files(paths)]
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
 def read_eval_texts(path: Path, text_field: str = "text") -> Iterator[str]:

@@ -1,18 +1,20 @@
 """The filter stage: quality signals as columns, then a cheap selection.
 
-Step 1 (signals, cached): every enabled rule family's signals are computed
-once per document (`refinery.tasks.quality`) and written to
-`signals-NNNNN.parquet`, one per input file. `signals.key.json` records the
-input files' checksums and the settings that change signals; when both match,
-the step is skipped, so changing only a threshold re-runs only step 2.
+The rule families are registered in `refinery.tasks.quality.FAMILIES`; this stage derives everything from
+that list, so it names no family itself.
 
-Step 2 (selection): each document is compared with the thresholds in the order
-of `quality.TRUST_RULES` (decontamination against evaluation sets, safety block
-lists; every format) then `quality.RULES`; the first rule it fails names its
-drop reason. Code documents (`format` in `code_formats`) get the code rules,
-all others the prose rules. Kept documents carry `lang`, `lang_score` and the signal columns, with
-PII replaced by placeholders; dropped ones go to `dropped.parquet`.
-`drop_reasons.png` charts the drops by reason.
+Step 1 (signals, cached): every enabled rule family's signals are computed
+once per document and written to `signals-NNNNN.parquet`, one per input file.
+`signals.key.json` records the input files' checksums and, per enabled family,
+the settings that change signals; when both match, the step is skipped, so
+changing only a threshold re-runs only step 2.
+
+Step 2 (selection): each document is compared with the thresholds of the
+families in registry order (decontamination and safety first, on every format);
+the first rule it fails names its drop reason. A family judges prose (every
+format not in `code_formats`), code, or all documents. Kept documents carry
+`lang`, `lang_score` and the signal columns, with PII replaced by placeholders;
+dropped ones go to `dropped.parquet`. `drop_reasons.png` charts the drops by reason.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from tqdm import tqdm
 
 from refinery.storage.atomic import TMP_PREFIX, atomic_path, atomic_write_json
@@ -42,55 +45,86 @@ from refinery.storage.documents import (
     iter_batches,
 )
 from refinery.storage.manifest import Counts, OutputFile, StageResult, describe_file, file_sha256
-from refinery.tasks.decontaminate import DecontaminationRules
 from refinery.tasks.parallel import map_in_order
 from refinery.tasks.pii import PIIRules, redact
-from refinery.tasks.quality import (
-    RULES,
-    TRUST_FAMILIES,
-    TRUST_RULES,
-    C4Rules,
-    CodeRules,
-    FineWebRules,
-    GopherQualityRules,
-    GopherRepetitionRules,
-    LanguageRules,
-    Rule,
-    compute_signals,
-)
-from refinery.tasks.safety import SafetyRules
+from refinery.tasks.quality import FAMILIES, RuleFamily, compute_signals
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
 SIGNALS_VERSION = 1
 CHART = "drop_reasons.png"
-FAMILIES = ("language", "gopher_quality", "gopher_repetition", "c4", "fineweb", "code", *TRUST_FAMILIES)
 
 
-class FilterConfig(BaseModel):
-    """Settings of the filter stage: one sub-model per rule family, each with `enabled` and its thresholds."""
+class BaseFilterConfig(BaseModel):
+    """What every `FilterConfig` shares; `filter_config_model` adds one section per registered family."""
 
     model_config = ConfigDict(extra="forbid")
 
-    language: LanguageRules = Field(default_factory=LanguageRules)
-    gopher_quality: GopherQualityRules = Field(default_factory=GopherQualityRules)
-    gopher_repetition: GopherRepetitionRules = Field(default_factory=GopherRepetitionRules)
-    c4: C4Rules = Field(default_factory=C4Rules)
-    fineweb: FineWebRules = Field(default_factory=FineWebRules)
-    code: CodeRules = Field(default_factory=CodeRules)
-    decontamination: DecontaminationRules = Field(default_factory=DecontaminationRules)
-    safety: SafetyRules = Field(default_factory=SafetyRules)
-    pii: PIIRules = Field(default_factory=PIIRules)
-    code_formats: list[str] = Field(default_factory=lambda: ["code"], description="formats that get the code rules")
-    batch_size: int = Field(2000, ge=1)
+    # Declared for type checkers only: `filter_config_model` adds them after the family sections, so that
+    # dumped configs list the families first.
+    if TYPE_CHECKING:
+        pii: PIIRules
+        code_formats: list[str]
+        batch_size: int
 
-    def families(self) -> dict[str, Any]:
-        """The enabled rule families, by name."""
-        return {name: getattr(self, name) for name in FAMILIES if getattr(self, name).active()}
+    def families(self) -> dict[str, RuleFamily]:
+        """The enabled rule families, by name, in the order their rules are checked."""
+        out: dict[str, RuleFamily] = {}
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            if isinstance(section, RuleFamily) and section.active():
+                out[name] = section
+        return out
 
     def signal_key(self) -> dict[str, Any]:
         """What the cached signals depend on besides the input: enabled families and their signal settings."""
         return {name: rules.signal_params() for name, rules in self.families().items()}
+
+
+def filter_config_model(families: Sequence[type[RuleFamily]]) -> type[BaseFilterConfig]:
+    """The `FilterConfig` model for `families`: one section per family, then the stage's own settings."""
+    own: dict[str, Any] = {
+        "pii": (PIIRules, Field(default_factory=PIIRules)),
+        "code_formats": (
+            list[str], Field(default_factory=lambda: ["code"], description="formats that get the code rules")
+        ),
+        "batch_size": (int, Field(2000, ge=1)),
+    }
+    sections: dict[str, Any] = {}
+    for family in families:
+        if family.name in sections or family.name in own:
+            raise ValueError(f"rule family name {family.name!r} ({family.__name__}) is already taken")
+        sections[family.name] = (family, Field(default_factory=family))
+    return create_model(
+        "FilterConfig",
+        __base__=BaseFilterConfig,
+        __module__=__name__,
+        __doc__="Settings of the filter stage: one section per rule family, each with `enabled` and its thresholds.",
+        **sections,
+        **own,
+    )
+
+
+FilterConfig = filter_config_model(FAMILIES)
+
+
+@contextmanager
+def registered(*families: type[RuleFamily]) -> Iterator[type[BaseFilterConfig]]:
+    """Register rule families for the duration of a block (a test, an experiment), after the others.
+
+    `FAMILIES` and this module's `FilterConfig` include them inside the block and are restored after it, so
+    code that looks up `refinery.tasks.filter.FilterConfig` when it runs sees them. A family meant to stay is
+    one line in `FAMILIES` instead.
+    """
+    global FilterConfig
+    saved_families, saved_config = list(FAMILIES), FilterConfig
+    FAMILIES.extend(families)
+    try:
+        FilterConfig = filter_config_model(FAMILIES)
+        yield FilterConfig
+    finally:
+        FAMILIES[:] = saved_families
+        FilterConfig = saved_config
 
 
 def _signals_path(stage_dir: Path, i: int) -> Path:
@@ -98,14 +132,18 @@ def _signals_path(stage_dir: Path, i: int) -> Path:
 
 
 def _signals_batch(
-    file_index: int, ids: pa.Array, texts: pa.Array, families: dict[str, Any], metas: pa.Array | None = None
+    file_index: int,
+    ids: pa.Array,
+    texts: pa.Array,
+    families: Mapping[str, RuleFamily],
+    inputs: Mapping[str, pa.Array] | None = None,
 ) -> tuple[int, pa.Table]:
-    columns = {"id": ids, **compute_signals(texts, families, metas)}
+    columns = {"id": ids, **compute_signals(texts, families, inputs)}
     return file_index, pa.table(columns)
 
 
 def compute_signal_files(
-    input_files: list[Path], stage_dir: Path, cfg: FilterConfig, progress: bool, executor: Executor | None
+    input_files: list[Path], stage_dir: Path, cfg: BaseFilterConfig, progress: bool, executor: Executor | None
 ) -> bool:
     """Write `signals-NNNNN.parquet` per input file unless the cached ones match; True if they were reused."""
     key = {
@@ -120,13 +158,12 @@ def compute_signal_files(
             return True
     key_path.unlink(missing_ok=True)  # the old cache no longer describes the files about to be written
     families = cfg.families()
-    columns = ["id", "text", "meta"] if "safety" in families else ["id", "text"]
+    inputs = sorted({c for rules in families.values() for c in rules.inputs} - {"id", "text"})
 
     def items() -> Iterator[tuple[Any, ...]]:
         for i, path in enumerate(input_files):
-            for batch in iter_batches([path], columns=columns, batch_size=cfg.batch_size):
-                metas = batch.column("meta") if "meta" in columns else None
-                yield (i, batch.column("id"), batch.column("text"), families, metas)
+            for batch in iter_batches([path], columns=["id", "text", *inputs], batch_size=cfg.batch_size):
+                yield (i, batch.column("id"), batch.column("text"), families, {c: batch.column(c) for c in inputs})
 
     writers: dict[int, ParquetWriter] = {}
     bar = tqdm(total=count_rows(input_files), desc="filter: signals", unit="doc", disable=not progress)
@@ -149,67 +186,33 @@ def compute_signal_files(
     return False
 
 
-def _rule_limit(cfg: FilterConfig, rule: Rule) -> Any:
-    return getattr(getattr(cfg, rule.family), rule.limit)
-
-
-def select(signals: pa.Table, formats: list[str], cfg: FilterConfig) -> tuple[list[str | None], list[str]]:
+def select(signals: pa.Table, formats: list[str], cfg: BaseFilterConfig) -> tuple[list[str | None], list[str]]:
     """The drop reason (None to keep) and a detail for each row, from signal columns and thresholds."""
     n = len(formats)  # not signals.num_rows: a table with no signal columns has no rows
     reason: list[str | None] = [None] * n
     detail = [""] * n
     undecided = np.ones(n, bool)
     is_code = np.array([f in cfg.code_formats for f in formats], bool)
-    families = cfg.families()
-    for rule in (*TRUST_RULES, *RULES):
-        if rule.family not in families:
-            continue
-        limit = _rule_limit(cfg, rule)
-        if limit is None:  # a threshold set to null: the signal is kept as a flag, nothing is dropped
-            continue
-        if rule.family in TRUST_FAMILIES:
-            applies = np.ones(n, bool)
-        else:
-            applies = is_code if rule.family == "code" else ~is_code
-        if rule.family == "language":
-            if not cfg.language.languages:
+    judged = {"prose": ~is_code, "code": is_code, "all": np.ones(n, bool)}
+    for family in cfg.families().values():
+        applies = judged[family.applies_to]
+        for rule in family.rules:
+            limit = getattr(family, rule.limit)
+            if limit is None:  # a threshold set to null: the signal is kept as a flag, nothing is dropped
                 continue
-            lang = np.array(signals.column("lang").to_pylist(), dtype=object)
-            score = signals.column("lang_score").to_numpy()
-            allowed = np.isin(lang, cfg.language.languages)
-            fails = ~allowed | (score < limit)
-            values = [f"lang={lg} score={s:.3f} (languages={cfg.language.languages}, threshold={limit})"
-                      for lg, s in zip(lang, score, strict=True)]
-        else:
-            col = signals.column(rule.column).to_numpy(zero_copy_only=False)
-            if rule.op == "flag":
-                fails = col.astype(bool) & bool(limit)
-            elif rule.op == "min":
-                fails = col < limit
-            else:
-                fails = col > limit
-            sign = {"min": "<", "max": ">", "flag": "="}[rule.op]
-            values = None
-            shown_col = signals.column(rule.detail_column).to_pylist() if rule.detail_column else None
-        hit = np.flatnonzero(fails & applies & undecided)
-        for i in hit:
-            reason[i] = rule.code
-            if values is not None:
-                detail[i] = values[i]
-            else:
-                v = col[i]
-                shown = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
-                detail[i] = f"{rule.column}={shown} {sign} {rule.limit}={limit}"
-                if shown_col is not None and shown_col[i]:
-                    detail[i] += f" ({rule.detail_column}={shown_col[i]!r})"
-        undecided[hit] = False
+            fails, describe = family.check(rule, signals, limit)
+            hit = np.flatnonzero(fails & applies & undecided)
+            for i in hit:
+                reason[i] = rule.code
+                detail[i] = describe(i)
+            undecided[hit] = False
     return reason, detail
 
 
 def run_filter(
     input_files: list[Path],
     stage_dir: Path,
-    cfg: FilterConfig,
+    cfg: BaseFilterConfig,
     progress: bool = True,
     executor: Executor | None = None,
 ) -> StageResult:

@@ -17,6 +17,9 @@ they show the mechanism, they are not a moderation policy.
   `meta` has a `url` (WARC records) on a blocked domain is dropped
   (`safety_blocked_domain`); with `check_text_urls`, URLs written in the text
   are checked too (`safety_blocked_url_in_text`).
+
+The rule family (settings, rules, which documents it judges) is `refinery.tasks.quality.safety`;
+this module holds the lists and the matching.
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from refinery.tasks.decontaminate import split_words
+
+if TYPE_CHECKING:
+    from refinery.tasks.quality.safety import SafetyRules
 
 DATA_DIR = Path(__file__).with_name("data")
 DEFAULT_WORDS = DATA_DIR / "blocklist_words.txt"
@@ -45,46 +50,15 @@ _WORD = re.compile(r"\w+")
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
 
 
-class SafetyRules(BaseModel):
-    """Block lists and their thresholds. A `null` threshold turns that rule off."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    words_file: str | None = Field(None, description="word/phrase list, one per line; default: the bundled list")
-    extra_words: list[str] = Field(default_factory=list, description="terms added to the list")
-    max_word_hits: int | None = Field(0, ge=0, description="drop a document with more block-list matches than this")
-    max_word_frac: float | None = Field(None, ge=0, le=1, description="drop when matches / words exceeds this")
-    domains_file: str | None = Field(None, description="domain list, one per line; default: the bundled list")
-    extra_domains: list[str] = Field(default_factory=list, description="domains added to the list")
-    drop_blocked_domains: bool = Field(True, description="drop documents whose meta url is on a blocked domain")
-    check_text_urls: bool = Field(False, description="also look for blocked URLs written in the text")
-    max_blocked_text_urls: int | None = Field(0, ge=0, description="drop when more blocked URLs are in the text")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _ignore_recorded_digest(cls, data: Any) -> Any:
-        """A dumped config carries `lists_digest`; it is recomputed, never read back."""
-        if isinstance(data, dict) and "lists_digest" in data:
-            data = {k: v for k, v in data.items() if k != "lists_digest"}
-        return data
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def lists_digest(self) -> str:
-        """Checksum of the block lists' contents: part of the config hash, so editing a list re-runs the filter."""
-        return self.lists().digest if self.enabled else ""
-
-    def active(self) -> bool:
-        return self.enabled
-
-    def lists(self) -> BlockLists:
-        files = tuple(_stat(f) for f in (self.words_file or DEFAULT_WORDS, self.domains_file or DEFAULT_DOMAINS))
-        return BlockLists.load(*files, tuple(self.extra_words), tuple(self.extra_domains))
-
-    def signal_params(self) -> dict[str, Any]:
-        """What the cached signals depend on: the lists' contents (not their paths) and text URL checking."""
-        return {"lists": self.lists_digest, "check_text_urls": self.check_text_urls}
+def load_lists(
+    words_file: str | Path | None = None,
+    domains_file: str | Path | None = None,
+    extra_words: Sequence[str] = (),
+    extra_domains: Sequence[str] = (),
+) -> BlockLists:
+    """The block lists (None: the bundled ones) plus extra terms, loaded once per process until a file changes."""
+    files = (_stat(words_file or DEFAULT_WORDS), _stat(domains_file or DEFAULT_DOMAINS))
+    return BlockLists.load(*files, tuple(extra_words), tuple(extra_domains))
 
 
 def _stat(path: str | Path) -> tuple[str, int, int]:

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter, document_files, read_table
 from refinery.storage.manifest import config_hash
 from refinery.tasks.decontaminate import NgramIndex, rolling_ngram_hashes, words_of
-from refinery.tasks.filter import FAMILIES, FilterConfig, run_filter
+from refinery.tasks.filter import FilterConfig, run_filter
+from refinery.tasks.quality import FAMILIES
 
 EVAL = (
     "Question: the lighthouse keeper counted forty seven gulls on the northern pier before the storm "
@@ -38,7 +39,7 @@ def write_docs(directory: Path, docs: list[tuple[str, str]]) -> list[Path]:
 
 
 def only_decontamination(**settings) -> FilterConfig:
-    data = {f: {"enabled": f == "decontamination"} for f in FAMILIES}
+    data = {f.name: {"enabled": f.name == "decontamination"} for f in FAMILIES}
     data["decontamination"].update(settings)
     return FilterConfig(pii={"enabled": False}, **data)
 

@@ -12,8 +12,10 @@ from pydantic import ValidationError
 
 from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter, document_files, read_table
 from refinery.storage.manifest import config_hash
-from refinery.tasks.filter import FAMILIES, FilterConfig, run_filter
-from refinery.tasks.safety import DEFAULT_DOMAINS, DEFAULT_WORDS, SafetyRules, read_list, safety_signals
+from refinery.tasks.filter import FilterConfig, run_filter
+from refinery.tasks.quality import FAMILIES
+from refinery.tasks.quality.safety import SafetyRules
+from refinery.tasks.safety import DEFAULT_DOMAINS, DEFAULT_WORDS, read_list, safety_signals
 
 PLAIN = "The committee met on Tuesday to discuss the new library opening hours and the budget. "
 
@@ -31,7 +33,7 @@ def write_docs(directory: Path, docs: list[tuple[str, str, dict]]) -> list[Path]
 
 
 def only_safety(**settings) -> FilterConfig:
-    data = {f: {"enabled": f == "safety"} for f in FAMILIES}
+    data = {f.name: {"enabled": f.name == "safety"} for f in FAMILIES}
     data["safety"].update(settings)
     return FilterConfig(pii={"enabled": False}, **data)
 

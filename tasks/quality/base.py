@@ -1,0 +1,147 @@
+"""What a rule family is: settings, signals, rules and the documents they apply to, in one class.
+
+A family computes signals (pure functions of a document: word counts, ratios, language scores) once per
+batch as columns; its `rules` then say, for each reason code, which column is compared with which of its
+settings. The filter stage caches the signals and re-runs only the cheap comparison when a threshold changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+from refinery.tasks.quality._text import Words
+
+# Which documents a family's rules judge: prose (every format except the code formats), code, or all.
+AppliesTo = Literal["prose", "code", "all"]
+Op = Literal["min", "max", "flag"]
+SIGN = {"min": "<", "max": ">", "flag": "="}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One reason code: drop a document when the signal `column` compares badly with the setting `limit`."""
+
+    code: str
+    column: str
+    op: Op  # min: drop below; max: drop above; flag: drop when true (and the setting is true)
+    limit: str  # a settings field of the family; a `None` value there turns the rule off
+    detail_column: str | None = None  # a signal column shown in the drop's detail (e.g. the matched span)
+
+
+class Batch:
+    """A batch of documents as signal functions see it; views several families share are built once."""
+
+    def __init__(self, texts: pa.Array, columns: Mapping[str, pa.Array] | None = None) -> None:
+        self.arr = texts.cast(pa.large_string())
+        self._columns = dict(columns or {})
+
+    def __len__(self) -> int:
+        return len(self.arr)
+
+    @functools.cached_property
+    def texts(self) -> list[str]:
+        return self.arr.to_pylist()
+
+    @functools.cached_property
+    def words(self) -> Words:
+        """Whitespace words (Gopher's definition), split with Arrow once for every family that counts words."""
+        return Words.split(self.arr)
+
+    def column(self, name: str) -> list[Any] | None:
+        """Another document column (one a family lists in `inputs`) as Python values; None when not given."""
+        col = self._columns.get(name)
+        return col.to_pylist() if col is not None else None
+
+
+Check = tuple[np.ndarray, Callable[[int], str]]
+
+
+class RuleFamily(BaseModel):
+    """A rule family: its settings are the fields (`enabled` and thresholds); the class says the rest.
+
+    A subclass sets `name` (its config section, `filter.<name>`), `applies_to`, `rules`, `signal_fields`
+    (the settings that change signals rather than only thresholds, so changing one recomputes the cached
+    signals) and implements `signals`. Registering it is one line in `refinery.tasks.quality.FAMILIES`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ClassVar[str]
+    applies_to: ClassVar[AppliesTo] = "prose"
+    rules: ClassVar[tuple[Rule, ...]] = ()  # checked in this order; a document counts under the first it fails
+    signal_fields: ClassVar[tuple[str, ...]] = ()
+    inputs: ClassVar[tuple[str, ...]] = ()  # document columns besides `text` that `signals` reads
+
+    enabled: bool = True
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Catch a misspelt setting or comparison when the family is defined, not when a document fails."""
+        super().__pydantic_init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return
+        where = f"rule family {cls.__name__} ({cls.name!r})"
+        if cls.applies_to not in get_args(AppliesTo):
+            raise TypeError(f"{where}: applies_to must be one of {get_args(AppliesTo)}, not {cls.applies_to!r}")
+        for f in cls.signal_fields:
+            if f not in cls.model_fields:
+                raise TypeError(f"{where}: signal field {f!r} is not one of its settings")
+        for rule in cls.rules:
+            if rule.limit not in cls.model_fields:
+                raise TypeError(f"{where}: rule {rule.code!r} names setting {rule.limit!r}, which it does not have")
+            if rule.op not in get_args(Op):
+                raise TypeError(f"{where}: rule {rule.code!r} has op {rule.op!r}, not one of {get_args(Op)}")
+
+    def active(self) -> bool:
+        """Whether the family runs (a family may also need settings, e.g. evaluation sets, to apply)."""
+        return self.enabled
+
+    def signal_params(self) -> dict[str, Any]:
+        """What the cached signals depend on besides the input documents (part of `signals.key.json`)."""
+        return {f: getattr(self, f) for f in self.signal_fields}
+
+    def signals(self, batch: Batch) -> dict[str, Any]:
+        """The family's signal columns for a batch (numpy or Arrow arrays, one value per document)."""
+        raise NotImplementedError(f"rule family {type(self).__name__} computes no signals")
+
+    def check(self, rule: Rule, signals: pa.Table, limit: Any) -> Check:
+        """Which rows fail `rule`, and the detail of a failing row: `column=value > limit=x`."""
+        col = signals.column(rule.column).to_numpy(zero_copy_only=False)
+        if rule.op == "flag":
+            fails = col.astype(bool) & bool(limit)
+        elif rule.op == "min":
+            fails = col < limit
+        else:
+            fails = col > limit
+        shown_col = signals.column(rule.detail_column).to_pylist() if rule.detail_column else None
+
+        def detail(i: int) -> str:
+            v = col[i]
+            shown = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
+            text = f"{rule.column}={shown} {SIGN[rule.op]} {rule.limit}={limit}"
+            if shown_col is not None and shown_col[i]:
+                text += f" ({rule.detail_column}={shown_col[i]!r})"
+            return text
+
+        return fails, detail
+
+
+def compute_signals(
+    texts: pa.Array, families: Mapping[str, RuleFamily], columns: Mapping[str, pa.Array] | None = None
+) -> dict[str, Any]:
+    """Every signal column of `families` (enabled ones by name, in check order) for a batch of texts.
+
+    Pure, so it runs in any worker. `columns` holds the other document columns families ask for in `inputs`.
+    """
+    batch = Batch(texts, columns)
+    out: dict[str, Any] = {}
+    for rules in families.values():
+        out.update(rules.signals(batch))
+    return out

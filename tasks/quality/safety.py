@@ -1,0 +1,62 @@
+"""Safety as a rule family: word and domain block lists, with per-rule reasons.
+
+It judges every format and is checked right after decontamination, before the quality families, so a
+blocked document is always counted as such. The lists and the matching are `refinery.tasks.safety`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, computed_field, model_validator
+
+from refinery.tasks.quality.base import Batch, Rule, RuleFamily
+from refinery.tasks.safety import BlockLists, load_lists, safety_signals
+
+
+class SafetyRules(RuleFamily):
+    """Block lists and their thresholds. A `null` threshold turns that rule off."""
+
+    name = "safety"
+    applies_to = "all"
+    inputs = ("meta",)  # the domain rule reads the `url` in a document's meta
+    rules = (
+        Rule("safety_blocked_domain", "safety_blocked_domain", "flag", "drop_blocked_domains", "safety_url_host"),
+        Rule("safety_blocked_url_in_text", "safety_blocked_text_urls", "max", "max_blocked_text_urls"),
+        Rule("safety_blocklist_word", "safety_word_hits", "max", "max_word_hits", "safety_first_word"),
+        Rule("safety_blocklist_word", "safety_word_frac", "max", "max_word_frac", "safety_first_word"),
+    )
+
+    words_file: str | None = Field(None, description="word/phrase list, one per line; default: the bundled list")
+    extra_words: list[str] = Field(default_factory=list, description="terms added to the list")
+    max_word_hits: int | None = Field(0, ge=0, description="drop a document with more block-list matches than this")
+    max_word_frac: float | None = Field(None, ge=0, le=1, description="drop when matches / words exceeds this")
+    domains_file: str | None = Field(None, description="domain list, one per line; default: the bundled list")
+    extra_domains: list[str] = Field(default_factory=list, description="domains added to the list")
+    drop_blocked_domains: bool = Field(True, description="drop documents whose meta url is on a blocked domain")
+    check_text_urls: bool = Field(False, description="also look for blocked URLs written in the text")
+    max_blocked_text_urls: int | None = Field(0, ge=0, description="drop when more blocked URLs are in the text")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_recorded_digest(cls, data: Any) -> Any:
+        """A dumped config carries `lists_digest`; it is recomputed, never read back."""
+        if isinstance(data, dict) and "lists_digest" in data:
+            data = {k: v for k, v in data.items() if k != "lists_digest"}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def lists_digest(self) -> str:
+        """Checksum of the block lists' contents: part of the config hash, so editing a list re-runs the filter."""
+        return self.lists().digest if self.enabled else ""
+
+    def lists(self) -> BlockLists:
+        return load_lists(self.words_file, self.domains_file, self.extra_words, self.extra_domains)
+
+    def signal_params(self) -> dict[str, Any]:
+        """What the cached signals depend on: the lists' contents (not their paths) and text URL checking."""
+        return {"lists": self.lists_digest, "check_text_urls": self.check_text_urls}
+
+    def signals(self, batch: Batch) -> dict[str, Any]:
+        return safety_signals(batch.texts, batch.column("meta"), self)
