@@ -8,6 +8,7 @@ COPY flows flows
 COPY tasks tasks
 COPY model model
 COPY storage storage
+COPY serving serving
 # CPU build of torch first, so nothing pulls the multi-GB CUDA build.
 RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir . psycopg2-binary asyncpg boto3

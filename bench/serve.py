@@ -81,7 +81,7 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt_len: int, new_tokens: int
 def load_test(model: GPT, requests: int, batch: int, max_tokens: int) -> tuple[float, float, float]:
     import httpx
 
-    from refinery.flows.server import ServerConfig, create_app, serving
+    from refinery.serving.server import ServerConfig, create_app, serving
     from refinery.tasks.tokenizer import EOT, new_byte_level_bpe
 
     tok = new_byte_level_bpe()

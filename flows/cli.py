@@ -72,7 +72,7 @@ def run(
         _fail(f"--sample must be tiny or default, not {sample!r}")
     sources = list(source or [])
     if not sources:
-        from refinery.storage.sample_corpus import build_sample_corpus
+        from refinery.sample_corpus import build_sample_corpus
 
         info = build_sample_corpus(Path(root).resolve() / "sample-corpus", size=sample)  # type: ignore[arg-type]
         typer.echo(f"Using the bundled sample corpus ({sample}): {info.files} files, {info.bytes / 1e6:.1f} MB at {info.root}")
@@ -148,10 +148,27 @@ def sample_corpus(
     size: Annotated[str, typer.Option(help="tiny or default")] = "default",
 ) -> None:
     """Build the bundled sample corpus (made from Python's own sources and docs) into a folder."""
-    from refinery.storage.sample_corpus import build_sample_corpus
+    from refinery.sample_corpus import build_sample_corpus
 
     info = build_sample_corpus(dest, size=size)  # type: ignore[arg-type]
     typer.echo(json.dumps(info.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def stages(
+    mermaid: Annotated[bool, typer.Option("--mermaid", help="Print the graph as a Mermaid flowchart (docs/architecture.md).")] = False,
+) -> None:
+    """The pipeline's stages as declared (flows/stages.py): what each reads and hands on."""
+    from refinery.flows.graph import active
+
+    graph = active()
+    if mermaid:
+        typer.echo(graph.mermaid(), nl=False)
+        return
+    typer.secho(f"{'stage':<10} {'reads':<26} {'output':<14} what it does", bold=True)
+    for s in graph.stages:
+        reads = ", ".join(s.inputs) or "sources"
+        typer.echo(f"{s.name:<10} {reads:<26} {s.output.__name__:<14} {s.summary}")
 
 
 @app.command()
@@ -169,9 +186,9 @@ def inspect(
 
       refinery inspect "select reason, count(*) from dropped group by 1 order by 2 desc"
     """
-    from refinery.storage.catalog import Catalog
+    from refinery.flows.graph import active
 
-    catalog = Catalog(Path(root))
+    catalog = active().catalog(Path(root))
     if not catalog.views:
         _fail(f"no stage outputs under {Path(root).resolve()}; run `refinery run --root {root}` first")
     query = sql or catalog.overview_sql()
@@ -202,9 +219,9 @@ def generate(
 ) -> None:
     """Generate text with a trained model, streaming tokens to the terminal (KV-cached decoding)."""
     configure_environment(root)
-    from refinery.flows.server import load_for_serving
     from refinery.model.generate import compile_unavailable
     from refinery.model.generate import generate as gen
+    from refinery.serving.loading import load_for_serving
 
     try:
         net, tok = load_for_serving(model, root=root, int8=int8)
@@ -231,26 +248,71 @@ def generate(
     typer.echo("")
 
 
-@app.command("serve-model")
-def serve_model(
-    root: RootOpt = DEFAULT_ROOT,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Checkpoint folder, or models:/NAME/VERSION, or runs:/RUN_ID/model. Default: the run root's trained model."),
-    ] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
-    port: int = 8000,
-    int8: Annotated[bool, typer.Option("--int8", help="Serve with int8 weights.")] = False,
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder to apply (merged into the weights).")] = None,
-) -> None:
-    """Serve a model over HTTP: POST /v1/completions (OpenAI completions shape; stream=true for server-sent events), GET /health."""
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="Checkpoint folder, or models:/NAME/VERSION, or runs:/RUN_ID/model. Default: the run root's trained model."),
+]
+HostOpt = Annotated[str, typer.Option(help="Address to bind; loopback by default.")]
+Int8Opt = Annotated[bool, typer.Option("--int8", help="Serve with int8 weights.")]
+AdapterOpt = Annotated[Path | None, typer.Option(help="LoRA adapter folder to apply (merged into the weights).")]
+
+
+def _warn(message: str) -> None:
+    typer.secho(message, fg=typer.colors.YELLOW, err=True)
+
+
+def _serve_http(root: Path, model: str | None, host: str, port: int, int8: bool, adapter: Path | None) -> None:
+    """Load the model (a missing one is a one-line error, not a traceback), then serve until Ctrl-C."""
     configure_environment(root)
-    from refinery.flows.server import run as run_server
+    from refinery.serving.server import run as run_server
 
     try:
         run_server(model, host=host, port=port, int8=int8, root=root, adapter=adapter)
     except FileNotFoundError as exc:
         _fail(str(exc))
+
+
+@app.command()
+def serve(
+    root: RootOpt = DEFAULT_ROOT,
+    model: ModelOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: int = 8000,
+    int8: Int8Opt = False,
+    adapter: AdapterOpt = None,
+    # `refinery serve` used to be the schedule. Its options stay accepted, hidden, so that old
+    # command lines keep working (with a warning) instead of silently starting an HTTP server.
+    source: Annotated[list[str] | None, typer.Option("--source", "-s", hidden=True)] = None,
+    cron: Annotated[str | None, typer.Option(hidden=True)] = None,
+    interval: Annotated[float | None, typer.Option(hidden=True)] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", hidden=True)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", hidden=True)] = None,
+    name: Annotated[str | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Serve a model over HTTP: POST /v1/completions (OpenAI completions shape; stream=true for server-sent events), GET /health.
+
+    To run the pipeline on a schedule, see `refinery schedule`.
+    """
+    if source or set_ or any(v is not None for v in (cron, interval, config, name)):
+        _warn("`refinery serve --source/--cron` (the schedule) is now `refinery schedule`; "
+              "`refinery serve` serves a model over HTTP. Running the schedule.")  # fmt: skip
+        _run_schedule(source, root, cron or DEFAULT_CRON, interval, config, set_, name or DEFAULT_DEPLOYMENT)
+        return
+    _serve_http(root, model, host, port, int8, adapter)
+
+
+@app.command("serve-model", hidden=True)
+def serve_model(
+    root: RootOpt = DEFAULT_ROOT,
+    model: ModelOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: int = 8000,
+    int8: Int8Opt = False,
+    adapter: AdapterOpt = None,
+) -> None:
+    """Deprecated name of `refinery serve`."""
+    _warn("`refinery serve-model` is deprecated; use `refinery serve`")
+    _serve_http(root, model, host, port, int8, adapter)
 
 
 @app.command()
@@ -269,20 +331,14 @@ def finetune(
     configure_environment(root)
     import yaml
 
-    from refinery.flows.config import ConfigError, parse_override
     from refinery.flows.finetune import FinetuneConfig
     from refinery.flows.finetune import finetune as finetune_flow
+    from refinery.overrides import apply_overrides
 
-    tree: dict = yaml.safe_load(config.read_text()) if config else {}
+    tree: dict = (yaml.safe_load(config.read_text()) or {}) if config else {}
     try:
-        for item in set_ or []:
-            keys, value = parse_override(item)
-            node = tree
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
-        cfg = FinetuneConfig.model_validate(tree)
-    except (ConfigError, ValueError) as exc:
+        cfg = FinetuneConfig.model_validate(apply_overrides(tree, set_ or []))
+    except ValueError as exc:  # ConfigError and pydantic's ValidationError both are
         _fail(str(exc))
     summary = finetune_flow(base=base, sources=source, root=str(Path(root).resolve()), config=cfg.model_dump(mode="json"))
     typer.echo(f"validation loss on the domain set: {summary['val_loss_before']:.4f} -> {summary['val_loss']:.4f}")
@@ -324,20 +380,29 @@ def ui(
     prefect_port: int = 4200,
     mlflow_port: int = 5000,
 ) -> None:
-    """Open the Prefect UI and the MLflow UI on a run root's stores (loopback only; Ctrl-C stops both)."""
+    """Open the Prefect UI and the MLflow UI on a run root's stores (loopback only; Ctrl-C stops both).
+
+    When MLflow tracking goes to a server ($MLFLOW_TRACKING_URI=http://...), that
+    server's own UI is where the runs are, so only the Prefect UI is started.
+    """
     from refinery.flows import ui as ui_mod
     from refinery.storage.layout import RunLayout
 
     layout = RunLayout.at(root)
     cmds = ui_mod.commands(layout, prefect_port, mlflow_port)
+    tracking_server = ui_mod.tracking_server(layout)
     typer.echo(f"Prefect UI  http://127.0.0.1:{prefect_port}/runs   flow runs, one task run per stage, stage reports")
-    typer.echo(f"MLflow UI   http://127.0.0.1:{mlflow_port}   experiment 'refinery' (parent run, nested stage runs); Models tab")
+    if tracking_server:
+        typer.echo(f"MLflow UI   {tracking_server}   the tracking server ($MLFLOW_TRACKING_URI); no local MLflow UI started")
+    else:
+        typer.echo(f"MLflow UI   http://127.0.0.1:{mlflow_port}   experiment 'refinery' (parent run, nested stage runs); Models tab")
     if print_only:
         typer.echo(f"\nPREFECT_HOME={layout.prefect_home} PREFECT_SERVER_ANALYTICS_ENABLED=false {' '.join(cmds['prefect'])}")
-        typer.echo(f"MLFLOW_DISABLE_TELEMETRY=true {' '.join(cmds['mlflow'])}")
+        if "mlflow" in cmds:
+            typer.echo(f"MLFLOW_DISABLE_TELEMETRY=true {' '.join(cmds['mlflow'])}")
         return
     procs = ui_mod.start(layout, prefect_port, mlflow_port)
-    typer.echo("Both servers are starting (a few seconds); Ctrl-C stops them.")
+    typer.echo(f"{'Both servers are' if len(procs) > 1 else 'The Prefect server is'} starting (a few seconds); Ctrl-C stops them.")
     try:
         while all(p.poll() is None for p in procs):
             import time
@@ -350,24 +415,41 @@ def ui(
         ui_mod.stop(procs)
 
 
+DEFAULT_CRON = "0 * * * *"
+DEFAULT_DEPLOYMENT = "scheduled"
+
+
 @app.command()
-def serve(
+def schedule(
     source: Annotated[list[str] | None, typer.Option("--source", "-s", help="What each scheduled run ingests; repeatable.")] = None,
     root: RootOpt = DEFAULT_ROOT,
-    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 * * * *' for hourly.")] = "0 * * * *",
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 * * * *' for hourly.")] = DEFAULT_CRON,
     interval: Annotated[float | None, typer.Option(help="Or: seconds between runs (instead of --cron).")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config for the runs.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one config value; repeatable.")] = None,
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = DEFAULT_DEPLOYMENT,
 ) -> None:
-    """Serve the pipeline as a Prefect deployment on a schedule (runs until Ctrl-C).
+    """Run the pipeline on a schedule, as a Prefect deployment (runs until Ctrl-C).
 
     Each run skips unchanged stages, so an hourly run over a growing folder only
-    processes what is new. Start `refinery ui` first to watch the runs; serve uses
-    PREFECT_API_URL, or a Prefect server on 127.0.0.1:4200 if one answers.
+    processes what is new. Start `refinery ui` first to watch the runs; runs go
+    to PREFECT_API_URL, or to a Prefect server on 127.0.0.1:4200 if one answers.
     """
+    _run_schedule(source, root, cron, interval, config, set_, name)
+
+
+def _run_schedule(
+    source: list[str] | None,
+    root: Path,
+    cron: str,
+    interval: float | None,
+    config: Path | None,
+    set_: list[str] | None,
+    name: str,
+) -> None:
+    """The body of `refinery schedule`, shared with the old `refinery serve --source` form."""
     configure_environment(root)
-    from refinery.flows import serve as serve_mod
+    from refinery.flows import schedule as schedule_mod
     from refinery.flows.config import ConfigError, load_config
 
     try:
@@ -376,11 +458,16 @@ def serve(
         _fail(str(exc))
     if not source:
         _fail("--source is required: the folder or URI each scheduled run ingests")
-    api = serve_mod.choose_api()
+    if not interval:
+        try:
+            schedule_mod.check_cron(cron)
+        except ValueError as exc:
+            _fail(str(exc))
+    api = schedule_mod.choose_api()
     typer.echo(f"Prefect API: {api or 'a temporary local server (start `refinery ui` first to see the runs)'}")
     params = {"sources": [str(Path(s).resolve()) if "://" not in s else s for s in source],
               "root": str(Path(root).resolve()), "config": cfg.model_dump(mode="json")}
-    serve_mod.serve(name, None if interval else cron, interval, params)
+    schedule_mod.serve_deployment(name, None if interval else cron, interval, params)
 
 
 if __name__ == "__main__":

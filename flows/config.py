@@ -1,26 +1,28 @@
 """The typed pipeline configuration: defaults that run, a YAML file over them, flags over that.
 
-Each stage owns its config model beside its code; this module only composes
-them, so `refinery run --set filter.gopher_quality.min_words=80` and a YAML
+Each stage owns its config model beside its code, and the stage graph
+(flows/stages.py) names it; this module only composes the sections the graph
+declares, so `refinery run --set filter.gopher_quality.min_words=80` and a YAML
 file address the same keys. Unknown keys and bad values are errors that name
 the key.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from refinery.model.train import TrainConfig
-from refinery.tasks.dedup import DedupConfig
-from refinery.tasks.encode import ShardsConfig
-from refinery.tasks.evaluate import EvalConfig
-from refinery.tasks.filter import FilterConfig
-from refinery.tasks.ingest import IngestConfig
-from refinery.tasks.tokenizer import TokenizerConfig
+from refinery.flows.graph import Graph, active
+from refinery.overrides import ConfigError, apply_overrides, parse_override
+
+__all__ = [
+    "ConfigError", "ExecutionConfig", "PipelineConfig", "TrackingConfig", "config_model", "load_config",
+    "parse_override", "validate_config",
+]
 
 
 class TrackingConfig(BaseModel):
@@ -36,78 +38,67 @@ class TrackingConfig(BaseModel):
 
 
 class ExecutionConfig(BaseModel):
-    """How the CPU-heavy maps run: in process, or on a Dask cluster."""
+    """How the CPU-heavy maps run (in process, or on a Dask cluster) and how reused outputs are checked."""
 
     model_config = ConfigDict(extra="forbid")
 
     executor: Literal["local", "dask"] = "local"
     dask_address: str | None = Field(None, description="scheduler address, e.g. tcp://10.0.0.5:8786; none starts a local cluster")
     progress: bool = True
+    verify: Literal["sha256", "size"] = Field(
+        "sha256", description="how a stage's reused outputs are checked: streamed sha256, or sizes only (huge roots)"
+    )
 
 
-class PipelineConfig(BaseModel):
+class _PipelineChecks(BaseModel):
+    """Checks across stage sections; the sections themselves come from the stage graph."""
+
     model_config = ConfigDict(extra="forbid")
 
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    dedup: DedupConfig = Field(default_factory=DedupConfig)
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    shards: ShardsConfig = Field(default_factory=ShardsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
-
     @model_validator(mode="after")
-    def _one_validation_split(self) -> PipelineConfig:
+    def _one_validation_split(self) -> _PipelineChecks:
         """The tokenizer measures compression on the same validation split the shards stage holds out.
 
         Setting `val_fraction` in either section sets both; setting both to different values is an error.
         """
-        tok_set = "val_fraction" in self.tokenizer.model_fields_set
-        shards_set = "val_fraction" in self.shards.model_fields_set
-        if tok_set and shards_set and self.tokenizer.val_fraction != self.shards.val_fraction:
+        tok, shards = getattr(self, "tokenizer", None), getattr(self, "shards", None)
+        if tok is None or shards is None or not hasattr(tok, "val_fraction") or not hasattr(shards, "val_fraction"):
+            return self
+        tok_set = "val_fraction" in tok.model_fields_set
+        shards_set = "val_fraction" in shards.model_fields_set
+        if tok_set and shards_set and tok.val_fraction != shards.val_fraction:
             raise ValueError(
-                f"tokenizer.val_fraction ({self.tokenizer.val_fraction}) and shards.val_fraction "
-                f"({self.shards.val_fraction}) must be equal: set one of them"
+                f"tokenizer.val_fraction ({tok.val_fraction}) and shards.val_fraction "
+                f"({shards.val_fraction}) must be equal: set one of them"
             )
         if shards_set and not tok_set:
-            self.tokenizer.val_fraction = self.shards.val_fraction
+            tok.val_fraction = shards.val_fraction
         elif tok_set and not shards_set:
-            self.shards.val_fraction = self.tokenizer.val_fraction
+            shards.val_fraction = tok.val_fraction
         return self
 
 
-class ConfigError(ValueError):
-    """A config problem, with every offending key named."""
+def config_model(graph: Graph | None = None) -> type[BaseModel]:
+    """The pipeline's config model: one section per stage of `graph` (default: the active one), then
+    `tracking` and `execution`."""
+    graph = graph or active()
+    return _config_model(tuple((s.name, s.config_model) for s in graph.stages))
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so 3, 0.5, true, [en] get their types)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.max_steps=200")
-    key, _, raw = item.partition("=")
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML: {exc}") from exc
-    return parts, value
+@functools.lru_cache(maxsize=16)
+def _config_model(sections: tuple[tuple[str, type[BaseModel]], ...]) -> type[BaseModel]:
+    fields: dict[str, Any] = {name: (model, Field(default_factory=model)) for name, model in sections}
+    fields["tracking"] = (TrackingConfig, Field(default_factory=TrackingConfig))
+    fields["execution"] = (ExecutionConfig, Field(default_factory=ExecutionConfig))
+    return create_model("PipelineConfig", __base__=_PipelineChecks, **fields)
 
 
-def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
-        node = child
-    node[path[-1]] = value
+PipelineConfig = config_model()
 
 
-def load_config(file: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    file: str | Path | None = None, overrides: list[str] | None = None, graph: Graph | None = None
+) -> Any:
     """Defaults, then the YAML file, then `--set` overrides; validated as a whole."""
     tree: dict[str, Any] = {}
     if file is not None:
@@ -121,15 +112,14 @@ def load_config(file: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (ingest:, dedup:, ...)")
         tree = loaded or {}
-    for item in overrides or []:
-        path_parts, value = parse_override(item)
-        _apply(tree, path_parts, value)
-    return validate_config(tree)
+    apply_overrides(tree, overrides or [])
+    return validate_config(tree, graph)
 
 
-def validate_config(tree: dict[str, Any]) -> PipelineConfig:
+def validate_config(tree: dict[str, Any], graph: Graph | None = None) -> Any:
+    """The config `tree` validated against the model of `graph`; errors name every offending key."""
     try:
-        return PipelineConfig.model_validate(tree)
+        return config_model(graph).model_validate(tree)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -142,4 +132,4 @@ def validate_config(tree: dict[str, Any]) -> PipelineConfig:
 
 def dump_default_config() -> str:
     """The full default config as YAML, for `refinery config` and the docs."""
-    return yaml.safe_dump(PipelineConfig().model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config_model()().model_dump(mode="json"), sort_keys=False)

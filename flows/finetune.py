@@ -26,11 +26,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from refinery.flows.graph import active
 from refinery.flows.lineage import Lineage, flatten
 from refinery.model.lora import LoRAConfig, LoRATrainConfig
 from refinery.storage.layout import RunLayout
-
-DATA_STAGES = ["ingest", "dedup", "filter", "tokenizer", "shards"]
+from refinery.storage.outputs import Shards
 
 
 class FinetuneConfig(BaseModel):
@@ -56,10 +56,9 @@ def finetune(
     import torch
 
     from refinery.flows.pipeline import data_to_model
-    from refinery.flows.server import resolve_model
     from refinery.model.checkpoint import load_model, save_checkpoint
     from refinery.model.lora import merge_lora, train_lora
-    from refinery.storage.manifest import read_manifest
+    from refinery.serving.loading import resolve_model
     from refinery.storage.shards import TokenWindows
 
     logger = get_run_logger()
@@ -67,25 +66,29 @@ def finetune(
     layout = RunLayout.at(root)
     layout.root.mkdir(parents=True, exist_ok=True)
     work = layout.root / "finetune" / cfg.name
-    checkpoint, tokenizer_file = resolve_model(base, layout.root)
+    # One tracking store for the base model, the domain data runs and the fine-tune run:
+    # `data.tracking.mlflow_uri`, else $MLFLOW_TRACKING_URI, else the root's SQLite.
+    tracking_uri = layout.tracking_uri((cfg.data.get("tracking") or {}).get("mlflow_uri"))
+    checkpoint, tokenizer_file = resolve_model(base, layout.root, tracking_uri)
 
     # 1. The domain folder through the same data stages, with the base model's tokenizer.
     data_config = {**cfg.data, "tokenizer": {**cfg.data.get("tokenizer", {}), "existing": str(tokenizer_file)},
-                   "tracking": {"mlflow_uri": layout.mlflow_tracking_uri, "experiment": cfg.experiment}}  # fmt: skip
-    data_to_model(sources=sources, root=str(work / "data"), config=data_config, stages=DATA_STAGES)
-    shards_dir = work / "data" / "shards"
-    shards = read_manifest(shards_dir)
+                   "tracking": {"mlflow_uri": tracking_uri, "experiment": cfg.experiment}}  # fmt: skip
+    shards_stage = active().producing(Shards).name
+    data_stages = active().upstream(shards_stage)  # every stage that leads to token shards
+    data_to_model(sources=sources, root=str(work / "data"), config=data_config, stages=data_stages)
+    shards_dir = work / "data" / shards_stage
+    shards = Shards.read(shards_dir)
     if shards is None:
         raise RuntimeError(f"the shards stage did not complete under {shards_dir}; see the data_to_model run")
 
     # 2. LoRA on the frozen base.
     model = load_model(checkpoint)
     seq_len = model.cfg.seq_len
-    train_files = [shards_dir / f for f in shards.extra["train_files"]]
-    val_files = [shards_dir / f for f in shards.extra["val_files"]]
+    train_files, val_files = shards.train_files, shards.val_files
     if not val_files:
         raise RuntimeError("the domain set has no validation split; add documents or raise shards.val_fraction")
-    lineage = Lineage(layout.mlflow_tracking_uri, cfg.experiment, layout.mlflow_artifacts)
+    lineage = Lineage(tracking_uri, cfg.experiment, layout.mlflow_artifacts)
     run_id = lineage.start_pipeline(
         name=f"finetune {cfg.name}",
         params={"base_model": base, "sources": ",".join(sources), **flatten("", cfg.model_dump(mode="json"))},
@@ -94,7 +97,7 @@ def finetune(
     status = "FAILED"
     try:
         lineage.log_dataset(run_id, "base-model", [str(checkpoint)], _base_digest(lineage, base), "base_model")
-        lineage.log_dataset(run_id, "domain-shards", [str(shards_dir)], shards.output_digest, "training")
+        lineage.log_dataset(run_id, "domain-shards", [str(shards_dir)], shards.digest, "training")
         result = train_lora(
             model, cfg.lora, TokenWindows(train_files, seq_len, seed=cfg.train.seed), TokenWindows(val_files, seq_len),
             work / "adapter", cfg.train, on_metrics=lambda step, m: lineage.log_metrics(run_id, m, step),
@@ -119,7 +122,7 @@ def finetune(
         for key, value in {
             "refinery.base_model": base,
             "refinery.base_input_digest": _base_tag(lineage, base, "refinery.input_digest"),
-            "refinery.domain_digest": shards.output_digest,
+            "refinery.domain_digest": shards.digest,
         }.items():
             lineage.client.set_model_version_tag(name, version, key, value)
         status = "FINISHED"

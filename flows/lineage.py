@@ -145,7 +145,7 @@ class Lineage:
 
         Returns (model_uri, version).
         """
-        from refinery.flows.mlflow_model import log_pyfunc_model
+        from refinery.serving.mlflow_model import log_pyfunc_model
 
         with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
             info = log_pyfunc_model(checkpoint_dir, tokenizer_file)

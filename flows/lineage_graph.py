@@ -7,13 +7,14 @@ training stage that made it), and the MLflow stage run that produced each
 manifest is found by its `refinery.output_digest` tag.
 
 Staleness asks, stage by stage, whether running the pipeline now would redo
-the stage: ingest compares `source_digest(sources, cfg.ingest)` with its
-manifest's input digest; every later stage compares the previous manifest's
-output digest; every stage compares `config_hash` of its current config
-section with the recorded one, and checks its outputs are intact. A stage
-after a stale one is stale too (its input is about to change), and so is a
-model version trained on a training output that is stale or gone. The first
-stale stage is where `refinery run --from STAGE` re-runs exactly the stale part.
+the stage, with the same check the flow uses to skip (`flows.graph.staleness`):
+the input digest (the sources' digest for a stage that reads them, else the
+output digests of the stages it reads), the config hash of its section, its
+code version, and its outputs intact. A stage that reads a stale one is stale
+too (its input is about to change), and so is a model version trained on a
+training output that is stale or gone. The first stale stage is where
+`refinery run --from STAGE` re-runs exactly the stale part. The edges are the
+stage graph's (flows/stages.py).
 
 Rendering needs no system package: the terminal gets a text tree, the image is
 drawn with matplotlib, and a Mermaid file (`lineage.mmd`) serves Markdown docs.
@@ -31,9 +32,11 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from refinery.flows.config import PipelineConfig, load_config
-from refinery.storage.layout import STAGES, RunLayout
-from refinery.storage.manifest import Manifest, config_hash, read_manifest, verify_outputs
+from refinery.flows.config import config_model, load_config
+from refinery.flows.graph import Graph, active, input_digest, staleness
+from refinery.storage.layout import RunLayout
+from refinery.storage.manifest import read_manifest
+from refinery.storage.outputs import Checkpoint
 
 Status = Literal["ok", "stale", "missing", "superseded", "changed"]
 IMAGE_NAME = "lineage.png"
@@ -93,8 +96,10 @@ class LineageGraph:
 
 # --------------------------------------------------------------------------- building
 
+INPUT_REASONS = ("sources changed", "input changed", "an input stage has not completed")
 
-def _source_changes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) -> dict[str, dict[str, int]]:
+
+def _source_changes(layout: RunLayout, sources: list[str], cfg: Any) -> dict[str, dict[str, int]]:
     """Per source: files new, changed (size or mtime) and removed since the last ingest, from its file index."""
     from refinery.tasks.ingest import list_sources
     from refinery.tasks.ingest.stage import INDEX_FILE
@@ -123,50 +128,45 @@ def _source_changes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) 
     return out
 
 
-def stage_nodes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) -> list[Node]:
-    """One node per stage with its status and why, from the manifests alone."""
-    from refinery.tasks.ingest import source_digest
-
+def stage_nodes(layout: RunLayout, sources: list[str], cfg: Any, graph: Graph | None = None) -> list[Node]:
+    """One node per stage with its status and why, judged by the same check as the skip decision."""
+    graph = graph or active()
     nodes: list[Node] = []
-    previous: Manifest | None = None
-    upstream_stale: str | None = None
-    for stage in STAGES:
-        stage_dir = layout.stage_dir(stage)
+    digests: dict[str, str] = {}  # output digests of completed stages
+    stale: dict[str, str] = {}  # stage -> the first stale stage at or above it
+    for stage in graph.stages:
+        stage_dir = layout.stage_dir(stage.name)
         manifest = read_manifest(stage_dir)
-        reasons: list[str] = []
+        section = getattr(cfg, stage.name)
+        if stage.reads_sources is not None:
+            expected: str | None = stage.reads_sources(sources, section)
+        elif all(i in digests for i in stage.inputs):
+            expected = input_digest(stage, digests)
+        else:
+            expected = None
+        reasons = staleness(stage, stage_dir, manifest, expected, section, cfg.execution.verify)
+        upstream = next((stale[i] for i in stage.inputs if i in stale), None)
         info: dict[str, Any] = {}
         if manifest is None:
             status: Status = "missing"
-            reasons.append("never completed in this run root")
         else:
+            if upstream:  # after the input reasons, before config and code: the order a reader follows
+                first = [r for r in reasons if r in INPUT_REASONS]
+                reasons = [*first, f"upstream stage {upstream} is stale", *[r for r in reasons if r not in first]]
             info = {
                 "in": manifest.counts.in_, "kept": manifest.counts.kept, "dropped": manifest.counts.dropped_total,
                 "input_digest": manifest.input_digest, "output_digest": manifest.output_digest,
                 "config_hash": manifest.config_hash, "created_at": manifest.created_at,
             }
-            if stage == "ingest":
-                expected = source_digest(sources, cfg.ingest)
-                if manifest.input_digest != expected:
-                    reasons.append("sources changed")
-            elif previous is None:
-                reasons.append(f"input stage {STAGES[STAGES.index(stage) - 1]} has no manifest")
-            elif manifest.input_digest != previous.output_digest:
-                reasons.append(f"input changed ({STAGES[STAGES.index(stage) - 1]} output is newer)")
-            if upstream_stale:
-                reasons.append(f"upstream stage {upstream_stale} is stale")
-            if manifest.config_hash != config_hash(getattr(cfg, stage)):
-                reasons.append("config changed")
-            if not verify_outputs(stage_dir, manifest):
-                reasons.append("outputs missing or modified")
+            digests[stage.name] = manifest.output_digest
             status = "stale" if reasons else "ok"
-        if status != "ok" and upstream_stale is None:
-            upstream_stale = stage
-        nodes.append(Node(f"stage:{stage}", "stage", stage, status, reasons, info))
-        previous = manifest
+        if status != "ok":
+            stale[stage.name] = upstream or stage.name
+        nodes.append(Node(f"stage:{stage.name}", "stage", stage.name, status, reasons, info))
     return nodes
 
 
-def source_nodes(layout: RunLayout, sources: list[str], cfg: PipelineConfig) -> list[Node]:
+def source_nodes(layout: RunLayout, sources: list[str], cfg: Any) -> list[Node]:
     nodes = []
     for root, c in _source_changes(layout, sources, cfg).items():
         moved = {k: c[k] for k in ("new", "changed", "removed") if c[k]}
@@ -213,13 +213,13 @@ def _stage_run_ids(client: Any, experiment: str, stages: list[Node]) -> None:
                 break
 
 
-def tracking_uri(layout: RunLayout, cfg: PipelineConfig) -> str:
-    return cfg.tracking.mlflow_uri or layout.mlflow_tracking_uri
+def tracking_uri(layout: RunLayout, cfg: Any) -> str:
+    return layout.tracking_uri(cfg.tracking.mlflow_uri)
 
 
-def recorded_sources(layout: RunLayout, cfg: PipelineConfig) -> list[str]:
+def recorded_sources(layout: RunLayout, cfg: Any) -> list[str]:
     """The sources of the last pipeline run, from its MLflow parent run (empty when there is none)."""
-    if not cfg.tracking.mlflow_uri and not layout.mlflow_db.is_file():
+    if not layout.has_tracking(cfg.tracking.mlflow_uri):
         return []
     from mlflow.tracking import MlflowClient
 
@@ -234,24 +234,25 @@ def recorded_sources(layout: RunLayout, cfg: PipelineConfig) -> list[str]:
 
 
 def build_graph(
-    root: str | os.PathLike[str], sources: list[str], cfg: PipelineConfig | None = None, use_mlflow: bool = True
+    root: str | os.PathLike[str], sources: list[str], cfg: Any | None = None, use_mlflow: bool = True
 ) -> LineageGraph:
     """The lineage graph of a run root, judged against `sources` and `cfg` as they are now."""
-    cfg = cfg or PipelineConfig()
+    graph = active()
+    cfg = cfg or config_model(graph)()
     layout = RunLayout.at(root)
     src = source_nodes(layout, sources, cfg)
-    stages = stage_nodes(layout, sources, cfg)
+    stages = stage_nodes(layout, sources, cfg, graph)
     models: list[Node] = []
-    if use_mlflow and (cfg.tracking.mlflow_uri or layout.mlflow_db.is_file()):
+    if use_mlflow and (layout.has_tracking(cfg.tracking.mlflow_uri)):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri(layout, cfg))
         _stage_run_ids(client, cfg.tracking.experiment, stages)
-        models = model_nodes(client, cfg.tracking.registered_model, stages[STAGES.index("train")])
-    edges = [(s.id, "stage:ingest") for s in src]
-    edges += [(f"stage:{a}", f"stage:{b}") for a, b in zip(STAGES[:-1], STAGES[1:], strict=True)]
-    edges += [("stage:filter", "stage:shards")]  # the shards stage encodes the curated documents
-    edges += [("stage:train", m.id) for m in models]
+        trained = graph.producing(Checkpoint).name
+        models = model_nodes(client, cfg.tracking.registered_model, next(n for n in stages if n.label == trained))
+    edges = [(s.id, f"stage:{st.name}") for s in src for st in graph.stages if st.reads_sources is not None]
+    edges += [(f"stage:{a}", f"stage:{b}") for a, b in graph.edges()]
+    edges += [(f"stage:{graph.producing(Checkpoint).name}", m.id) for m in models]
     return LineageGraph(layout.root, [*src, *stages, *models], edges)
 
 
@@ -318,11 +319,15 @@ def render_png(graph: LineageGraph, path: str | os.PathLike[str]) -> Path:
     pos: dict[str, tuple[float, float]] = {}
     for i, n in enumerate(sources):
         pos[n.id] = (0.0, (len(sources) - 1) / 2 - i)
-    main = [s for s in STAGES if s != "tokenizer"]
-    for i, s in enumerate(main, start=1):
-        pos[f"stage:{s}"] = (i * 1.0, 0.0)
-    pos["stage:tokenizer"] = (3.5, 1.1)  # beside the chain: trained on the curated documents, used by shards
-    train_x = pos["stage:train"][0]
+    graph_ = active()
+    depth = graph_.depths()
+    columns: dict[int, list[str]] = {}
+    for name in graph_.names:
+        columns.setdefault(depth[name], []).append(name)
+    for d, names in columns.items():
+        for j, name in enumerate(names):
+            pos[f"stage:{name}"] = (d + 1.0, 1.1 * ((len(names) - 1) / 2 - j))
+    train_x = pos[f"stage:{graph_.producing(Checkpoint).name}"][0]
     for i, n in enumerate(models):
         pos[n.id] = (train_x + 1.0 + 1.0 * (i // 3), -1.1 - 0.8 * (i % 3))
     xs = [p[0] for p in pos.values()]
@@ -351,9 +356,10 @@ def render_png(graph: LineageGraph, path: str | os.PathLike[str]) -> Path:
         ax.text(x, y - 0.13, sub, ha="center", va="center", fontsize=6.5)
     for a, b in graph.edges:
         if a in patches and b in patches:
+            skips = abs(pos[b][0] - pos[a][0]) > 1.01 and abs(pos[b][1] - pos[a][1]) < 0.01  # bend over the boxes between
             ax.annotate("", xy=pos[b], xytext=pos[a], arrowprops={
                 "arrowstyle": "-|>", "color": "#555", "lw": 1.2, "patchA": patches[a], "patchB": patches[b],
-                "shrinkA": 1, "shrinkB": 1})
+                "shrinkA": 1, "shrinkB": 1, "connectionstyle": f"arc3,rad={-0.35 if skips else 0.0}"})
     ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
     ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
     ax.set_aspect("equal")
@@ -372,7 +378,7 @@ def render_png(graph: LineageGraph, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def log_to_mlflow(graph: LineageGraph, layout: RunLayout, cfg: PipelineConfig, files: list[Path]) -> str | None:
+def log_to_mlflow(graph: LineageGraph, layout: RunLayout, cfg: Any, files: list[Path]) -> str | None:
     """Log the rendered files under `lineage/` of the latest pipeline run; returns that run's id."""
     from mlflow.tracking import MlflowClient
 
@@ -437,7 +443,7 @@ def main(
     pipeline run in MLflow.
     """
     layout = RunLayout.at(root)
-    if not any(read_manifest(layout.stage_dir(s)) for s in STAGES):
+    if not any(read_manifest(layout.stage_dir(s)) for s in active().names):
         raise FileNotFoundError(f"no stage manifests under {layout.root}; run `refinery run --root {root}` first")
     cfg = load_config(config_file, overrides or [])
     sources = list(sources or recorded_sources(layout, cfg))
@@ -456,7 +462,7 @@ def main(
 
     atomic_write_text(mermaid, render_mermaid(graph))
     echo(f"\nGraph written to {image} and {mermaid}")
-    if log and (cfg.tracking.mlflow_uri or layout.mlflow_db.is_file()):
+    if log and (layout.has_tracking(cfg.tracking.mlflow_uri)):
         run_id = log_to_mlflow(graph, layout, cfg, [image, mermaid])
         if run_id:
             echo(f"Logged to MLflow run {run_id} (artifacts under lineage/)")

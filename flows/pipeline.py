@@ -1,62 +1,51 @@
-"""The `data_to_model` Prefect flow: every stage in order, each a task with its own MLflow run.
+"""The `data_to_model` Prefect flow: the stage graph of flows/stages.py, one task per stage.
 
-The flow is deliberately thin. For each stage it: works out the stage's input
-digest (the previous manifest's output digest), skips the stage when its last
-manifest has the same input digest and config hash and its outputs are intact,
-otherwise calls the stage function from `refinery.tasks`, writes the manifest
-last, publishes a Prefect artifact and logs a nested MLflow run.
+The flow is deliberately thin: it walks the declared graph and hands each
+stage's task the typed outputs of the stages it reads. Every task runs the same
+body (`run_stage`): it works out the stage's input digest, skips the stage when
+nothing changed (`flows.graph.staleness`), otherwise calls the stage's declared
+function, writes the manifest last, publishes a Prefect artifact and logs a
+nested MLflow run.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
+from prefect.utilities.annotations import quote
 
 from refinery import __version__
-from refinery.flows.config import PipelineConfig, validate_config
+from refinery.flows.config import validate_config
+from refinery.flows.graph import Graph, Stage, StageCall, active, input_digest, staleness
 from refinery.flows.lineage import Lineage
 from refinery.storage.atomic import sweep_temporaries
-from refinery.storage.documents import document_files
-from refinery.storage.layout import STAGES, RunLayout
-from refinery.storage.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    StageResult,
-    build_manifest,
-    config_hash,
-    read_manifest,
-    verify_outputs,
-    write_manifest,
-)
-
-# Chart files a stage may leave for MLflow and the docs.
-STAGE_ARTIFACTS = {
-    "filter": ["drop_reasons.png"],
-    "train": ["loss_curve.png", "metrics.jsonl"],
-    "eval": ["metrics.json", "samples.jsonl"],
-}
+from refinery.storage.layout import RunLayout
+from refinery.storage.manifest import MANIFEST_NAME, Manifest, build_manifest, read_manifest, write_manifest
+from refinery.storage.outputs import Checkpoint, Evaluation, StageOutput, TokenizerFile
 
 
 @dataclass
-class RunContext:
-    """What every stage task needs; built once per flow run."""
+class RunEnv:
+    """What every stage task shares; built once per flow run.
 
+    It reaches the tasks `quote`d, so Prefect does not read it as data: the
+    only upstreams Prefect records for a stage are the outputs it reads.
+    """
+
+    graph: Graph
     layout: RunLayout
-    cfg: PipelineConfig
+    cfg: Any
     lineage: Lineage
     sources: list[str]
-    selected: list[str]
     forced: set[str]
     executor: Any = None
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -71,18 +60,6 @@ def _retry_on_io_error(task: Any, task_run: Any, state: State) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return False
-
-
-def _previous(ctx: RunContext, stage: str) -> Manifest:
-    """The manifest of the stage before `stage`; it must exist."""
-    before = STAGES[STAGES.index(stage) - 1]
-    manifest = read_manifest(ctx.layout.stage_dir(before))
-    if manifest is None:
-        raise RuntimeError(
-            f"stage {stage!r} needs the output of stage {before!r}, which has not completed in "
-            f"{ctx.layout.root}; run it first (e.g. refinery run --from {before})"
-        )
-    return manifest
 
 
 def _report(stage: str, manifest: Manifest, skipped: bool) -> None:
@@ -115,213 +92,111 @@ def _report(stage: str, manifest: Manifest, skipped: bool) -> None:
         )
 
 
-def run_stage(
-    ctx: RunContext,
-    stage: str,
-    stage_cfg: Any,
-    input_digest: str,
-    input_sources: list[str],
-    body: Callable[[Path, str], StageResult],
-) -> Manifest | State:
-    """Skip-or-run one stage and record it; `body(stage_dir, run_id)` does the work."""
-    logger = get_run_logger()
-    stage_dir = ctx.layout.stage_dir(stage)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    previous = read_manifest(stage_dir)
-    run_id = ctx.lineage.start_stage(stage)
-    if (
-        stage not in ctx.forced
-        and previous is not None
-        and previous.matches(input_digest, config_hash(stage_cfg))
-        and verify_outputs(stage_dir, previous)
-    ):
-        logger.info("%s: skipped, inputs and config unchanged (%s)", stage, stage_dir / MANIFEST_NAME)
-        ctx.lineage.finish_stage(run_id, previous, input_sources, str(stage_dir), skipped=True)
-        ctx.outcomes[stage] = {"status": "skipped", "run_id": run_id, "seconds": 0.0}
-        _report(stage, previous, skipped=True)
-        return Completed(name="Cached", message="skipped: inputs and config unchanged", data=previous)
+def run_stage(env: RunEnv, name: str, inputs: dict[str, StageOutput]) -> StageOutput | State:
+    """Skip-or-run one stage and record it: the body of every stage's Prefect task.
 
+    The stage is skipped when `staleness` finds nothing to redo; otherwise its
+    function runs, the manifest is written last, and a Prefect artifact and a
+    nested MLflow run record it. Returns the stage's typed output.
+    """
+    logger = get_run_logger()
+    stage = env.graph[name]
+    cfg = getattr(env.cfg, name)
+    stage_dir = env.layout.stage_dir(name)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if stage.reads_sources is not None:
+        digest = stage.reads_sources(env.sources, cfg)
+        read = list(env.sources)
+    else:
+        digest = input_digest(stage, {i: out.digest for i, out in inputs.items()})
+        read = [str(out.dir) for out in inputs.values()]
+    previous = read_manifest(stage_dir)
+    run_id = env.lineage.start_stage(name)
+    stale = staleness(stage, stage_dir, previous, digest, cfg, env.cfg.execution.verify)
+    if name not in env.forced and previous is not None and not stale:
+        logger.info("%s: skipped, inputs and config unchanged (%s)", name, stage_dir / MANIFEST_NAME)
+        env.lineage.finish_stage(run_id, previous, read, str(stage_dir), skipped=True)
+        env.outcomes[name] = {"status": "skipped", "run_id": run_id, "seconds": 0.0, "manifest": previous}
+        _report(name, previous, skipped=True)
+        output = stage.output.from_manifest(stage_dir, previous)
+        return Completed(name="Cached", message="skipped: inputs and config unchanged", data=output)
+
+    if previous is not None:
+        logger.info("%s: re-running (%s)", name, "forced" if name in env.forced else "; ".join(stale))
     (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the stage is no longer complete
     sweep_temporaries(stage_dir)
     started = time.perf_counter()
+    call = StageCall(
+        dir=stage_dir, cfg=cfg, inputs=inputs, input_digest=digest, sources=list(env.sources),
+        progress=env.cfg.execution.progress, executor=env.executor,
+        on_metrics=lambda step, metrics: env.lineage.log_metrics(run_id, metrics, step),
+    )
     try:
-        result = body(stage_dir, run_id)
-        manifest = build_manifest(stage, stage_cfg, input_digest, result, {"total": time.perf_counter() - started})
+        result = stage.run(call)
+        manifest = build_manifest(
+            name, cfg, digest, result, {"total": time.perf_counter() - started}, code_version=stage.code_version
+        )
         write_manifest(stage_dir, manifest)
     except Exception as exc:
-        ctx.lineage.fail_stage(run_id, "".join(traceback.format_exception(exc)))
-        ctx.outcomes[stage] = {"status": "failed", "run_id": run_id, "error": str(exc)}
+        env.lineage.fail_stage(run_id, "".join(traceback.format_exception(exc)))
+        env.outcomes[name] = {"status": "failed", "run_id": run_id, "error": str(exc)}
         raise
     seconds = manifest.timings["total"]
-    artifacts = [stage_dir / name for name in STAGE_ARTIFACTS.get(stage, [])]
-    ctx.lineage.finish_stage(run_id, manifest, input_sources, str(stage_dir), skipped=False, artifacts=artifacts)
-    ctx.outcomes[stage] = {"status": "ran", "run_id": run_id, "seconds": seconds}
-    _report(stage, manifest, skipped=False)
+    artifacts = [stage_dir / f for f in stage.artifacts]
+    env.lineage.finish_stage(run_id, manifest, read, str(stage_dir), skipped=False, artifacts=artifacts)
+    env.outcomes[name] = {"status": "ran", "run_id": run_id, "seconds": seconds, "manifest": manifest}
+    _report(name, manifest, skipped=False)
     logger.info(
-        "%s: %d in, %d kept, %d dropped in %.1fs", stage, manifest.counts.in_, manifest.counts.kept,
+        "%s: %d in, %d kept, %d dropped in %.1fs", name, manifest.counts.in_, manifest.counts.kept,
         manifest.counts.dropped_total, seconds,
     )
-    return manifest
+    return stage.output.from_manifest(stage_dir, manifest)
 
 
-# -- one task per stage --------------------------------------------------------
-STAGE_TASK = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_on_io_error)
+def stage_task(stage: Stage) -> Task:
+    """The Prefect task of a stage: named after it, retried on transient I/O errors where declared."""
+    options: dict[str, Any] = {"name": stage.name, "cache_policy": NO_CACHE}
+    if stage.retry_io:
+        options.update(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_on_io_error)
+    return task(**options)(run_stage)
 
 
-@task(name="ingest", **STAGE_TASK)
-def ingest_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.ingest import run_ingest, source_digest
-
-    cfg = ctx.cfg.ingest
-    digest = source_digest(ctx.sources, cfg)
-    return run_stage(
-        ctx, "ingest", cfg, digest, ctx.sources,
-        lambda d, _: run_ingest(ctx.sources, d, cfg, progress=ctx.cfg.execution.progress, executor=ctx.executor),
-    )
-
-
-def _documents_stage(ctx: RunContext, stage: str, fn: Callable[..., StageResult], cfg: Any) -> Manifest | State:
-    """A stage that maps the previous stage's document parts to its own."""
-    before = STAGES[STAGES.index(stage) - 1]
-    prev = _previous(ctx, stage)
-    inputs = document_files(ctx.layout.stage_dir(before))
-    return run_stage(
-        ctx, stage, cfg, prev.output_digest, [str(ctx.layout.stage_dir(before))],
-        lambda d, _: fn(inputs, d, cfg, progress=ctx.cfg.execution.progress, executor=ctx.executor),
-    )
-
-
-@task(name="dedup", **STAGE_TASK)
-def dedup_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.dedup import run_dedup
-
-    return _documents_stage(ctx, "dedup", run_dedup, ctx.cfg.dedup)
-
-
-@task(name="filter", **STAGE_TASK)
-def filter_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.filter import run_filter
-
-    return _documents_stage(ctx, "filter", run_filter, ctx.cfg.filter)
-
-
-@task(name="tokenizer", **STAGE_TASK)
-def tokenizer_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.tokenizer import run_train_tokenizer
-
-    prev = _previous(ctx, "tokenizer")
-    inputs = document_files(ctx.layout.stage_dir("filter"))
-    cfg = ctx.cfg.tokenizer
-    return run_stage(
-        ctx, "tokenizer", cfg, prev.output_digest, [str(ctx.layout.stage_dir("filter"))],
-        lambda d, _: run_train_tokenizer(inputs, d, cfg, progress=ctx.cfg.execution.progress),
-    )
-
-
-@task(name="shards", **STAGE_TASK)
-def shards_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.encode import run_encode
-
-    prev = _previous(ctx, "shards")
-    tokenizer_file = ctx.layout.stage_dir("tokenizer") / prev.extra.get("tokenizer_file", "tokenizer.json")
-    inputs = document_files(ctx.layout.stage_dir("filter"))
-    cfg = ctx.cfg.shards
-    return run_stage(
-        ctx, "shards", cfg, prev.output_digest,
-        [str(ctx.layout.stage_dir("filter")), str(tokenizer_file)],
-        lambda d, _: run_encode(
-            inputs, tokenizer_file, d, cfg, progress=ctx.cfg.execution.progress, executor=ctx.executor
-        ),
-    )
-
-
-@task(name="train", cache_policy=NO_CACHE)
-def train_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.train import run_train
-
-    prev = _previous(ctx, "train")
-    cfg = ctx.cfg.train
-    shards_dir = ctx.layout.stage_dir("shards")
-
-    def body(stage_dir: Path, run_id: str) -> StageResult:
-        def on_metrics(step: int, metrics: dict[str, float]) -> None:
-            ctx.lineage.log_metrics(run_id, metrics, step)
-
-        return run_train(
-            shards_dir, prev.extra, prev.counts.kept, stage_dir, cfg,
-            run_key=prev.output_digest + config_hash(cfg), on_metrics=on_metrics,
-            progress=ctx.cfg.execution.progress,
+def completed_output(layout: RunLayout, stage: Stage, reader: str) -> StageOutput:
+    """The output of `stage` completed in an earlier run, for a `reader` that runs without it."""
+    output = stage.output.read(layout.stage_dir(stage.name))
+    if output is None:
+        raise RuntimeError(
+            f"stage {reader!r} needs the output of stage {stage.name!r}, which has not completed in "
+            f"{layout.root}; run it first (e.g. refinery run --from {stage.name})"
         )
-
-    return run_stage(ctx, "train", cfg, prev.output_digest, [str(shards_dir)], body)
-
-
-@task(name="eval", cache_policy=NO_CACHE)
-def eval_stage(ctx: RunContext) -> Manifest | State:
-    from refinery.tasks.evaluate import run_eval
-
-    prev = _previous(ctx, "eval")
-    shards = read_manifest(ctx.layout.stage_dir("shards"))
-    tokenizer = read_manifest(ctx.layout.stage_dir("tokenizer"))
-    assert shards is not None and tokenizer is not None  # guaranteed by the chain that produced train
-    train_dir = ctx.layout.stage_dir("train")
-    cfg = ctx.cfg.eval
-    return run_stage(
-        ctx, "eval", cfg, prev.output_digest, [str(train_dir)],
-        lambda d, _: run_eval(
-            train_dir / prev.extra["checkpoint_dir"],
-            ctx.layout.stage_dir("tokenizer") / tokenizer.extra.get("tokenizer_file", "tokenizer.json"),
-            ctx.layout.stage_dir("shards"), shards.extra, shards.counts.kept, d, cfg,
-        ),
-    )
-
-
-STAGE_TASKS = {
-    "ingest": ingest_stage,
-    "dedup": dedup_stage,
-    "filter": filter_stage,
-    "tokenizer": tokenizer_stage,
-    "shards": shards_stage,
-    "train": train_stage,
-    "eval": eval_stage,
-}
+    return output
 
 
 def select_stages(stages: list[str] | None, from_stage: str | None) -> tuple[list[str], set[str]]:
-    """Which stages run, and which are forced to re-run (`--from` forces its stage and later ones)."""
-    for name in [*(stages or []), *([from_stage] if from_stage else [])]:
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    if from_stage:
-        selected = list(STAGES[STAGES.index(from_stage) :])
-        return selected, set(selected)
-    return [s for s in STAGES if not stages or s in stages], set()
+    """Which stages run, and which are forced to re-run (`--from` forces its stage and the stages that read it)."""
+    return active().select(stages, from_stage)
 
 
-def _register_model(ctx: RunContext, train: Manifest, evaluation: Manifest | None) -> dict[str, str]:
+def _register_model(env: RunEnv, model: Checkpoint, tokenizer: TokenizerFile, val_loss: float | None) -> dict[str, str]:
     """Register the trained model once per distinct training output."""
-    name = ctx.cfg.tracking.registered_model
-    client = ctx.lineage.client
+    name = env.cfg.tracking.registered_model
+    client = env.lineage.client
     for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("refinery.output_digest") == train.output_digest:
+        if mv.tags.get("refinery.output_digest") == model.digest:
             return {"name": name, "version": str(mv.version), "uri": f"models:/{name}/{mv.version}"}
-    tokenizer = read_manifest(ctx.layout.stage_dir("tokenizer"))
-    assert tokenizer is not None
-    val = evaluation.metrics.get("val_loss") if evaluation else train.metrics.get("val_loss")
-    _, version = ctx.lineage.log_and_register_model(
-        ctx.outcomes["train"]["run_id"],
-        ctx.layout.stage_dir("train") / train.extra["checkpoint_dir"],
-        ctx.layout.stage_dir("tokenizer") / tokenizer.extra.get("tokenizer_file", "tokenizer.json"),
-        name,
-        description=f"validation loss {val:.4f} nats/token; training data digest {train.input_digest[:16]}",
+    train = env.outcomes[model.stage]["manifest"]
+    loss = f"validation loss {val_loss:.4f} nats/token; " if val_loss is not None else ""
+    _, version = env.lineage.log_and_register_model(
+        env.outcomes[model.stage]["run_id"], model.checkpoint_dir, tokenizer.file, name,
+        description=f"{loss}training data digest {train.input_digest[:16]}",
     )
-    client.set_model_version_tag(name, version, "refinery.output_digest", train.output_digest)
+    client.set_model_version_tag(name, version, "refinery.output_digest", model.digest)
     client.set_model_version_tag(name, version, "refinery.input_digest", train.input_digest)
-    client.set_model_version_tag(name, version, "refinery.pipeline_run", ctx.lineage.parent_run_id or "")
+    client.set_model_version_tag(name, version, "refinery.pipeline_run", env.lineage.parent_run_id or "")
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
 
 
-def _make_executor(cfg: PipelineConfig) -> tuple[Any, Callable[[], None]]:
+def _make_executor(cfg: Any) -> tuple[Any, Callable[[], None]]:
     """None for in-process maps, or an executor whose maps run on Dask workers, and how to close it.
 
     With `execution.executor: dask` the cluster comes from prefect-dask's `DaskTaskRunner`: the
@@ -370,15 +245,19 @@ def data_to_model(
     from_stage: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Raw documents to a trained, evaluated and registered model. Returns a summary."""
-    cfg = validate_config(config or {})
+    """Raw documents to a trained, evaluated and registered model. Returns a summary.
+
+    Each selected stage of the graph is one Prefect task that receives the typed
+    outputs of the stages it reads, so the flow run's task graph is the data graph.
+    """
+    graph = active()
+    cfg = validate_config(config or {}, graph)
     layout = RunLayout.at(root)
-    layout.create()
-    selected, forced = select_stages(stages, from_stage)
+    layout.create(graph.names)
+    selected, forced = graph.select(stages, from_stage)
     if force:
         forced = set(selected)
-    tracking_uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or layout.mlflow_tracking_uri
-    lineage = Lineage(tracking_uri, cfg.tracking.experiment, layout.mlflow_artifacts)
+    lineage = Lineage(layout.tracking_uri(cfg.tracking.mlflow_uri), cfg.tracking.experiment, layout.mlflow_artifacts)
     from prefect.runtime import flow_run
 
     parent = lineage.start_pipeline(
@@ -392,32 +271,40 @@ def data_to_model(
         },
     )
     executor, close_executor = _make_executor(cfg)
-    ctx = RunContext(layout, cfg, lineage, sources, selected, forced, executor)
+    env = RunEnv(graph, layout, cfg, lineage, sources, forced, executor)
     summary: dict[str, Any] = {"root": str(layout.root), "mlflow_run_id": parent, "stages": {}}
     status = "FAILED"
     try:
-        manifests: dict[str, Manifest] = {}
-        for stage in selected:
-            out = STAGE_TASKS[stage](ctx)
-            manifest = out.result() if isinstance(out, State) else out
-            manifests[stage] = manifest
-            summary["stages"][stage] = {
-                **ctx.outcomes[stage],
+        outputs: dict[str, StageOutput] = {}
+        for name in selected:
+            stage = graph[name]
+            inputs = {i: outputs[i] if i in outputs else completed_output(layout, graph[i], name) for i in stage.inputs}
+            out = stage_task(stage)(quote(env), name, inputs)
+            outputs[name] = out.result() if isinstance(out, State) else out  # a skipped stage returns its state
+            manifest = env.outcomes[name]["manifest"]
+            summary["stages"][name] = {
+                **{k: v for k, v in env.outcomes[name].items() if k != "manifest"},
                 "in": manifest.counts.in_,
                 "kept": manifest.counts.kept,
                 "dropped": manifest.counts.dropped,
                 "metrics": manifest.metrics,
             }
-        train = manifests.get("train") or read_manifest(layout.stage_dir("train"))
-        if "train" in selected and train is not None:
-            evaluation = manifests.get("eval") or read_manifest(layout.stage_dir("eval"))
-            summary["model"] = _register_model(ctx, train, evaluation)
+        model_stage = graph.producing(Checkpoint)
+        model = outputs.get(model_stage.name)
+        if isinstance(model, Checkpoint):
+            evaluation = next((o for o in outputs.values() if isinstance(o, Evaluation)), None)
+            val = (evaluation or model).metrics.get("val_loss")
+            tokenizer = outputs.get(graph.producing(TokenizerFile).name) or completed_output(
+                layout, graph.producing(TokenizerFile), model_stage.name
+            )
+            summary["model"] = _register_model(env, model, tokenizer, val)  # type: ignore[arg-type]
             from refinery.flows.lineage_graph import record_provenance
 
             mv = lineage.client.get_model_version(summary["model"]["name"], summary["model"]["version"])
             summary["provenance"] = str(record_provenance(layout, sources, lineage.client, mv.run_id))
-        if "eval" in manifests:
-            lineage.log_metrics(parent, manifests["eval"].metrics, step=0)
+        evaluation = next((o for o in outputs.values() if isinstance(o, Evaluation)), None)
+        if evaluation is not None:
+            lineage.log_metrics(parent, evaluation.metrics, step=0)
         status = "FINISHED"
         return summary
     finally:

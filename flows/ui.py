@@ -1,4 +1,10 @@
-"""Start the Prefect and MLflow UIs on loopback, pointed at a run root's stores."""
+"""Start the Prefect and MLflow UIs on loopback, pointed at a run root's stores.
+
+MLflow's store is the one every command resolves (`RunLayout.tracking_uri`).
+When that is a tracking server (http or https), the server already has a UI and
+is where the runs went, so no local `mlflow ui` is started over the root's
+SQLite file, which would show an empty or stale store.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,25 @@ from pathlib import Path
 from refinery.storage.layout import RunLayout
 
 
+def tracking_server(layout: RunLayout) -> str | None:
+    """The MLflow tracking server's URL when runs are tracked on one, else None (a local store)."""
+    uri = layout.tracking_uri()
+    return uri if uri.startswith(("http://", "https://")) else None
+
+
 def commands(layout: RunLayout, prefect_port: int, mlflow_port: int) -> dict[str, list[str]]:
+    """The server commands to start: Prefect always, MLflow only over a local store."""
     bin_dir = Path(sys.executable).parent
-    return {
+    cmds = {
         "prefect": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        "mlflow": [
-            str(bin_dir / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port),
-            "--backend-store-uri", layout.mlflow_tracking_uri,
-            "--default-artifact-root", layout.mlflow_artifacts.as_uri(),
-        ],
     }
+    if tracking_server(layout) is None:
+        cmds["mlflow"] = [
+            str(bin_dir / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--backend-store-uri", layout.tracking_uri(),
+            "--default-artifact-root", layout.mlflow_artifacts.as_uri(),
+        ]  # fmt: skip
+    return cmds
 
 
 def environment(layout: RunLayout) -> dict[str, str]:
@@ -36,7 +51,7 @@ def environment(layout: RunLayout) -> dict[str, str]:
 
 
 def start(layout: RunLayout, prefect_port: int = 4200, mlflow_port: int = 5000) -> list[subprocess.Popen]:
-    """Start both servers, each in its own process group so that stopping them stops their children."""
+    """Start the servers of `commands`, each in its own process group so that stopping them stops their children."""
     env = environment(layout)
     return [
         subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

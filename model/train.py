@@ -499,11 +499,32 @@ def _train(
 # ----------------------------------------------------------------------------- command line (torchrun)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def config_from_args(config: Path | None, overrides: list[str]) -> TrainConfig:
+    """The TrainConfig of a torchrun command line: the `--config` file's keys, then `--set KEY=VALUE`.
+
+    Values parse as YAML with the same parser as `refinery run --set train.KEY=VALUE`,
+    so a key means the same thing on both command lines. The file is read as JSON
+    (what `TrainConfig.model_dump_json` writes) and, failing that, as YAML. Raises
+    ConfigError (a ValueError) on a malformed item and pydantic's ValidationError
+    on an unknown key or a bad value.
+    """
+    import yaml
+
+    from refinery.overrides import ConfigError, apply_overrides
+
+    fields: Any = {}
+    if config is not None:
+        text = config.read_text(encoding="utf-8")
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                fields = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{config} is neither JSON nor YAML: {exc}") from exc
+    if not isinstance(fields, dict | None):
+        raise ConfigError(f"{config} must hold a mapping of TrainConfig keys")
+    return TrainConfig(**apply_overrides(fields or {}, overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -514,20 +535,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", nargs="+", required=True, help="validation shard files or glob patterns")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder (checkpoint, metrics, plot)")
-    parser.add_argument("--config", type=Path, help="JSON file with TrainConfig keys")
+    parser.add_argument("--config", type=Path, help="JSON or YAML file with TrainConfig keys")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one TrainConfig key"
-    )
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one TrainConfig key; the value parses as YAML (3e-4, true, null)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    fields: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        fields[key] = _parse_value(value)
-    cfg = TrainConfig(**fields)
+    try:
+        cfg = config_from_args(args.config, args.set)
+    except ValueError as exc:  # ConfigError and pydantic's ValidationError both are
+        parser.error(str(exc))
 
     def expand(patterns: list[str]) -> list[str]:
         paths = sorted(p for pattern in patterns for p in (glob.glob(pattern) or [pattern]))

@@ -1,20 +1,22 @@
 """DuckDB views over a run's Parquet outputs, for questions asked in SQL.
 
-Views (created only where the files exist): `ingest`, `dedup`, `filter` (each
-stage's kept documents), `dropped` (every stage's dropped documents, with the
-stage and reason; ingest's are its quarantine rows), `quarantine` (unreadable raw files), `signals` (the filter's quality
-signals for every document it saw, kept or dropped), `shard_stats` (tokens
-per document), `provenance` (training tokens per source file), `manifests` (one row per completed stage).
+Which views exist is declared with the stages (flows/stages.py: each stage
+names its views, e.g. `ingest`, `dedup`, `filter` over their kept documents,
+`quarantine`, `signals`, `shard_stats`, `provenance`); the catalog adds two
+over every stage: `dropped` (every stage's dropped documents with the stage
+and reason; ingest's are its quarantine rows) and `manifests` (one row per
+completed stage). A view is created only where its files exist.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
 
-from refinery.storage.layout import STAGES, RunLayout
+from refinery.storage.layout import RunLayout
 from refinery.storage.manifest import read_manifest
 
 
@@ -23,11 +25,13 @@ def _sql_list(paths: list[Path]) -> str:
 
 
 class Catalog:
-    def __init__(self, root: str | Path) -> None:
+    """`views` are (view name, stage, glob inside the stage folder); `stages` every stage in graph order."""
+
+    def __init__(self, root: str | Path, views: Sequence[tuple[str, str, str]], stages: Sequence[str]) -> None:
         self.layout = RunLayout.at(root)
         self.con = duckdb.connect()
         self.views: list[str] = []
-        self._register()
+        self._register(views, stages)
 
     def _view(self, name: str, paths: list[Path], union: bool = False) -> None:
         paths = [p for p in paths if p.is_file()]
@@ -37,22 +41,18 @@ class Catalog:
         self.con.execute(f"create or replace view {name} as select * from read_parquet({_sql_list(paths)}{by_name})")
         self.views.append(name)
 
-    def _register(self) -> None:
-        for stage in ("ingest", "dedup", "filter"):
-            self._view(stage, sorted(self.layout.stage_dir(stage).glob("part-*.parquet")))
-        self._view("quarantine", [self.layout.stage_dir("ingest") / "quarantine.parquet"])
-        self._view("signals", sorted(self.layout.stage_dir("filter").glob("signals-*.parquet")))
-        dropped = [p for p in (self.layout.stage_dir(s) / "dropped.parquet" for s in STAGES) if p.is_file()]
+    def _register(self, views: Sequence[tuple[str, str, str]], stages: Sequence[str]) -> None:
+        for name, stage, pattern in views:
+            self._view(name, sorted(p for p in self.layout.stage_dir(stage).glob(pattern) if not p.name.startswith(".")))
+        dropped = [p for p in (self.layout.stage_dir(s) / "dropped.parquet" for s in stages) if p.is_file()]
         parts = [f"select id, source, stage, reason, detail from read_parquet({_sql_list(dropped)}, union_by_name = true)"] if dropped else []
         if "quarantine" in self.views:  # ingest's dropped records are its quarantine rows
             parts.append("select null::varchar as id, source, 'ingest' as stage, reason, error as detail from quarantine")
         if parts:
             self.con.execute("create or replace view dropped as " + " union all ".join(parts))
             self.views.append("dropped")
-        self._view("shard_stats", [self.layout.stage_dir("shards") / "stats.parquet"])
-        self._view("provenance", [self.layout.stage_dir("train") / "provenance.parquet"])
         rows = []
-        for stage in STAGES:
+        for stage in stages:
             m = read_manifest(self.layout.stage_dir(stage))
             if m is not None:
                 rows.append(

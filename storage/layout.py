@@ -2,7 +2,7 @@
 
 ```
 <root>/
-  ingest/  dedup/  filter/  tokenizer/  shards/  train/  eval/   one folder per stage
+  ingest/  dedup/  filter/  tokenizer/  shards/  train/  eval/   one folder per stage (flows/stages.py)
   mlflow.db  mlartifacts/                                         MLflow tracking (SQLite)
   prefect/                                                        Prefect home (SQLite)
 ```
@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-STAGES: tuple[str, ...] = ("ingest", "dedup", "filter", "tokenizer", "shards", "train", "eval")
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,9 @@ class RunLayout:
         return cls(Path(root).expanduser().resolve())
 
     def stage_dir(self, stage: str) -> Path:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        """The folder of a stage (the stage graph decides which stages exist)."""
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", stage):
+            raise ValueError(f"{stage!r} is not a stage name")
         return self.root / stage
 
     @property
@@ -38,6 +39,19 @@ class RunLayout:
     def mlflow_tracking_uri(self) -> str:
         return f"sqlite:///{self.mlflow_db}"
 
+    def tracking_uri(self, configured: str | None = None) -> str:
+        """The MLflow tracking URI of this run root; every command resolves it here.
+
+        In order: `configured` (the config's `tracking.mlflow_uri`), then the
+        `MLFLOW_TRACKING_URI` environment variable (a tracking server, e.g. under
+        the compose stack), then the embedded SQLite store inside the root.
+        """
+        return configured or os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow_tracking_uri
+
+    def has_tracking(self, configured: str | None = None) -> bool:
+        """Whether a tracking store is there to read: a configured or environment URI, or the root's SQLite file."""
+        return bool(configured or os.environ.get("MLFLOW_TRACKING_URI")) or self.mlflow_db.is_file()
+
     @property
     def mlflow_artifacts(self) -> Path:
         return self.root / "mlartifacts"
@@ -46,7 +60,7 @@ class RunLayout:
     def prefect_home(self) -> Path:
         return self.root / "prefect"
 
-    def create(self) -> None:
+    def create(self, stages: Iterable[str] = ()) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        for stage in STAGES:
-            (self.root / stage).mkdir(exist_ok=True)
+        for stage in stages:
+            self.stage_dir(stage).mkdir(exist_ok=True)

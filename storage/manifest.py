@@ -135,6 +135,7 @@ def build_manifest(
     input_digest: str,
     result: StageResult,
     timings: dict[str, float],
+    code_version: str = __version__,
 ) -> Manifest:
     result.counts.check(stage)
     return Manifest(
@@ -148,6 +149,7 @@ def build_manifest(
         metrics=result.metrics,
         extra=result.extra,
         timings=timings,
+        code_version=code_version,
     )
 
 
@@ -165,11 +167,17 @@ def read_manifest(stage_dir: str | os.PathLike[str]) -> Manifest | None:
     return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
 
 
-def verify_outputs(stage_dir: str | os.PathLike[str], manifest: Manifest) -> bool:
-    """True if every output the manifest lists is present with its recorded size."""
+def verify_outputs(stage_dir: str | os.PathLike[str], manifest: Manifest, check_sha256: bool = False) -> bool:
+    """True if every output the manifest lists is present with its recorded size (and sha256, if asked).
+
+    Sizes catch truncation and deletion for free; the streamed sha256 also
+    catches a file changed in place at the same size, at the cost of reading it.
+    """
     stage_dir = Path(stage_dir)
     for out in manifest.outputs:
         p = stage_dir / out.path
         if not p.is_file() or p.stat().st_size != out.bytes:
             return False
+    if check_sha256:
+        return all(file_sha256(stage_dir / out.path) == out.sha256 for out in manifest.outputs)
     return True

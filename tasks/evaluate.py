@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,8 +20,8 @@ from refinery.model.evaluate import bits_per_byte, evaluate_loss, unigram_loss
 from refinery.model.generate import generate
 from refinery.storage.atomic import atomic_write_json, atomic_write_text
 from refinery.storage.manifest import Counts, StageResult, describe_file
+from refinery.storage.outputs import Checkpoint, Shards, TokenizerFile
 from refinery.storage.shards import TokenWindows, map_tokens
-from refinery.tasks.train import shard_paths
 
 
 class EvalConfig(BaseModel):
@@ -46,30 +45,28 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def run_eval(
-    checkpoint_dir: Path,
-    tokenizer_file: Path,
-    shards_dir: Path,
-    shards_extra: dict[str, Any],
-    documents: int,
+    checkpoint: Checkpoint,
+    tokenizer: TokenizerFile,
+    shards: Shards,
     stage_dir: Path,
     cfg: EvalConfig,
 ) -> StageResult:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint_dir, device="cpu")
+    model = load_model(checkpoint.checkpoint_dir, device="cpu")
     seq_len = model.cfg.seq_len
-    val_files = shard_paths(shards_dir, shards_extra, "val")
+    val_files = shards.val_files
     val = TokenWindows(val_files, seq_len=seq_len)
     val_loss = evaluate_loss(model, val, batch_size=cfg.batch_size, max_batches=cfg.max_batches)
 
-    vocab_size = int(shards_extra["vocab_size"])
-    train_tokens = _concat(map_tokens(shard_paths(shards_dir, shards_extra, "train")))
+    vocab_size = shards.vocab_size
+    train_tokens = _concat(map_tokens(shards.train_files))
     val_tokens = _concat(map_tokens(val_files))
     baseline = unigram_loss(train_tokens, val_tokens, vocab_size)
-    n_tokens, n_bytes = int(shards_extra["val_tokens"]), int(shards_extra["val_bytes"])
+    n_tokens, n_bytes = shards.val_tokens, shards.val_bytes
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    eot = int(shards_extra["eot_id"])
-    prompts = [tokenizer.encode(p).ids for p in cfg.prompts]
+    tok = Tokenizer.from_file(str(tokenizer.file))
+    eot = shards.eot_id
+    prompts = [tok.encode(p).ids for p in cfg.prompts]
     outs = generate(
         model,
         prompts,
@@ -81,7 +78,7 @@ def run_eval(
         seed=cfg.seed,
     )
     samples = [
-        {"prompt": p, "completion": tokenizer.decode(o, skip_special_tokens=True)}
+        {"prompt": p, "completion": tok.decode(o, skip_special_tokens=True)}
         for p, o in zip(cfg.prompts, outs, strict=True)
     ]
 
@@ -100,7 +97,7 @@ def run_eval(
     outputs = [describe_file(stage_dir, metrics_path), describe_file(stage_dir, samples_path, rows=len(samples))]
     return StageResult(
         outputs=outputs,
-        counts=Counts(**{"in": documents, "kept": documents}),
+        counts=Counts(**{"in": shards.documents, "kept": shards.documents}),
         metrics=metrics,
         extra={"samples": samples},
     )

@@ -12,19 +12,14 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from refinery.model.train import TrainConfig, train
 from refinery.storage.atomic import atomic_write_json
 from refinery.storage.manifest import Counts, StageResult, describe_file
+from refinery.storage.outputs import Shards
 from refinery.storage.shards import TokenWindows
 
 RUN_KEY = "run_key.json"
-
-
-def shard_paths(shards_dir: Path, shards_extra: dict[str, Any], split: str) -> list[Path]:
-    """Absolute paths of one split's shard files, as the shards manifest lists them."""
-    return [shards_dir / name for name in shards_extra[f"{split}_files"]]
 
 
 def _reset_if_stale(stage_dir: Path, run_key: str) -> None:
@@ -42,9 +37,7 @@ def _reset_if_stale(stage_dir: Path, run_key: str) -> None:
 
 
 def run_train(
-    shards_dir: Path,
-    shards_extra: dict[str, Any],
-    documents: int,
+    shards: Shards,
     stage_dir: Path,
     cfg: TrainConfig,
     run_key: str,
@@ -53,15 +46,15 @@ def run_train(
 ) -> StageResult:
     stage_dir.mkdir(parents=True, exist_ok=True)
     _reset_if_stale(stage_dir, run_key)
-    if not shards_extra.get("val_files") or not shards_extra.get("train_files"):
+    if not shards.val_files or not shards.train_files:
         raise ValueError(
-            f"the shards hold {shards_extra.get('train_tokens', 0)} training and {shards_extra.get('val_tokens', 0)} "
+            f"the shards hold {shards.train_tokens} training and {shards.val_tokens} "
             "validation tokens; both splits need documents: add documents or raise shards.val_fraction"
         )
-    vocab_size = int(shards_extra["vocab_size"])
+    vocab_size = shards.vocab_size
     seq_len = cfg.model_config_for(vocab_size).seq_len
-    train_data = TokenWindows(shard_paths(shards_dir, shards_extra, "train"), seq_len=seq_len, seed=cfg.seed)
-    val_data = TokenWindows(shard_paths(shards_dir, shards_extra, "val"), seq_len=seq_len, seed=cfg.seed)
+    train_data = TokenWindows(shards.train_files, seq_len=seq_len, seed=cfg.seed)
+    val_data = TokenWindows(shards.val_files, seq_len=seq_len, seed=cfg.seed)
     result = train(
         cfg,
         vocab_size=vocab_size,
@@ -88,4 +81,4 @@ def run_train(
         "loss_curve": str(Path(result.loss_curve).relative_to(stage_dir)),
         "metrics_file": str(Path(result.metrics_file).relative_to(stage_dir)),
     }
-    return StageResult(outputs=outputs, counts=Counts(**{"in": documents, "kept": documents}), metrics=metrics, extra=extra)
+    return StageResult(outputs=outputs, counts=Counts(**{"in": shards.documents, "kept": shards.documents}), metrics=metrics, extra=extra)

@@ -1,7 +1,7 @@
 """`refinery lineage`: the graph from sources to model versions, and staleness after a change.
 
-The run root is made by the real stage functions, chained with manifests the
-way the pipeline flow chains them (input digest = previous output digest), and
+The run root is made by the declared stage functions, chained with manifests the
+way the pipeline flow chains them (input digest from the inputs' output digests), and
 a real MLflow store (SQLite) holding a pipeline run and a registered model
 version tagged like the flow tags it. No Prefect server is needed.
 """
@@ -12,10 +12,12 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from refinery.flows.config import PipelineConfig, validate_config
+from refinery.flows.config import validate_config
+from refinery.flows.graph import StageCall, input_digest
 from refinery.flows.lineage_graph import (
     IMAGE_NAME,
     MERMAID_NAME,
@@ -24,9 +26,11 @@ from refinery.flows.lineage_graph import (
     render_mermaid,
     render_text,
 )
-from refinery.storage.documents import document_files
-from refinery.storage.layout import STAGES, RunLayout
-from refinery.storage.manifest import build_manifest, config_hash, read_manifest, write_manifest
+from refinery.flows.stages import PIPELINE
+from refinery.storage.layout import RunLayout
+from refinery.storage.manifest import build_manifest, read_manifest, write_manifest
+
+STAGES = PIPELINE.names
 
 WORDS = (
     "river stone bridge market village harbour summer winter garden letter window morning evening "
@@ -60,41 +64,25 @@ def write_corpus(root: Path) -> list[str]:
     return sources
 
 
-def run_chain(root: Path, sources: list[str], cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> None:
-    """What `refinery run` does per stage, minus Prefect: run, then write the manifest last."""
-    from refinery.tasks.dedup import run_dedup
-    from refinery.tasks.encode import run_encode
-    from refinery.tasks.evaluate import run_eval
-    from refinery.tasks.filter import run_filter
-    from refinery.tasks.ingest import run_ingest, source_digest
-    from refinery.tasks.tokenizer import run_train_tokenizer
-    from refinery.tasks.train import run_train
-
+def run_chain(root: Path, sources: list[str], cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
+    """What `refinery run` does per stage, minus Prefect: the declared stage functions, manifests written last."""
     layout = RunLayout.at(root)
-    layout.create()
-    d = layout.stage_dir
-    for stage in stages:
-        prev = read_manifest(d(STAGES[STAGES.index(stage) - 1])) if stage != "ingest" else None
-        digest = source_digest(sources, cfg.ingest) if prev is None else prev.output_digest
-        if stage == "ingest":
-            result = run_ingest(sources, d(stage), cfg.ingest, progress=False)
-        elif stage in ("dedup", "filter"):
-            fn = run_dedup if stage == "dedup" else run_filter
-            result = fn(document_files(d(STAGES[STAGES.index(stage) - 1])), d(stage), getattr(cfg, stage), progress=False)
-        elif stage == "tokenizer":
-            result = run_train_tokenizer(document_files(d("filter")), d(stage), cfg.tokenizer, progress=False)
-        elif stage == "shards":
-            tok = d("tokenizer") / prev.extra.get("tokenizer_file", "tokenizer.json")
-            result = run_encode(document_files(d("filter")), tok, d(stage), cfg.shards, progress=False)
-        elif stage == "train":
-            result = run_train(d("shards"), prev.extra, prev.counts.kept, d(stage), cfg.train,
-                               run_key=prev.output_digest + config_hash(cfg.train), progress=False)
+    layout.create(PIPELINE.names)
+    outputs: dict[str, Any] = {}
+    for stage in PIPELINE.stages:
+        if stage.name not in stages:
+            continue
+        section = getattr(cfg, stage.name)
+        inputs = {i: outputs.get(i) or PIPELINE[i].output.read(layout.stage_dir(i)) for i in stage.inputs}
+        if stage.reads_sources is not None:
+            digest = stage.reads_sources(sources, section)
         else:
-            shards = read_manifest(d("shards"))
-            tok = d("tokenizer") / read_manifest(d("tokenizer")).extra.get("tokenizer_file", "tokenizer.json")
-            result = run_eval(d("train") / prev.extra["checkpoint_dir"], tok, d("shards"), shards.extra,
-                              shards.counts.kept, d(stage), cfg.eval)
-        write_manifest(d(stage), build_manifest(stage, getattr(cfg, stage), digest, result, {"total": 0.0}))
+            digest = input_digest(stage, {i: o.digest for i, o in inputs.items()})
+        stage_dir = layout.stage_dir(stage.name)
+        result = stage.run(StageCall(stage_dir, section, inputs, digest, sources, progress=False))
+        manifest = build_manifest(stage.name, section, digest, result, {"total": 0.0}, code_version=stage.code_version)
+        write_manifest(stage_dir, manifest)
+        outputs[stage.name] = stage.output.from_manifest(stage_dir, manifest)
 
 
 def record_in_mlflow(root: Path, sources: list[str]) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from refinery.sample_corpus import build_sample_corpus
 from refinery.storage.manifest import read_manifest
-from refinery.storage.sample_corpus import build_sample_corpus
 
 pytestmark = pytest.mark.slow
 

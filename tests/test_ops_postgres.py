@@ -29,9 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from refinery.storage.layout import STAGES
+from refinery.flows.stages import PIPELINE
+from refinery.sample_corpus import build_sample_corpus
 from refinery.storage.manifest import read_manifest
-from refinery.storage.sample_corpus import build_sample_corpus
+
+STAGES = PIPELINE.names
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from refinery.sample_corpus import build_sample_corpus
 from refinery.storage.atomic import TMP_PREFIX
 from refinery.storage.manifest import MANIFEST_NAME, Manifest, read_manifest
-from refinery.storage.sample_corpus import build_sample_corpus
 
 CHILD = textwrap.dedent(
     """

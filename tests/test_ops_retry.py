@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from refinery.sample_corpus import build_sample_corpus
 from refinery.storage.manifest import read_manifest
-from refinery.storage.sample_corpus import build_sample_corpus
 
 CHILD = textwrap.dedent(
     """
@@ -32,7 +32,10 @@ CHILD = textwrap.dedent(
 
     from refinery.flows.config import validate_config
     from refinery.flows.lineage import Lineage
-    from refinery.flows.pipeline import RunContext, ingest_stage
+    from prefect.utilities.annotations import quote
+
+    from refinery.flows.pipeline import RunEnv, stage_task
+    from refinery.flows.stages import PIPELINE
     from refinery.storage.layout import RunLayout
 
     base, corpus = sys.argv[1:]
@@ -59,10 +62,11 @@ CHILD = textwrap.dedent(
     def probe(root, kind):
         cfg = validate_config({"execution": {"progress": False}, "ingest": {"ocr": False}})
         layout = RunLayout.at(root)
-        layout.create()
+        layout.create(PIPELINE.names)
         lineage = Lineage(layout.mlflow_tracking_uri, "refinery", layout.mlflow_artifacts)
         with FailsOnce(ERRORS[kind](), 2) as pool:
-            ingest_stage(RunContext(layout, cfg, lineage, [corpus], ["ingest"], set(), executor=pool))
+            env = RunEnv(PIPELINE, layout, cfg, lineage, [corpus], set(), executor=pool)
+            stage_task(PIPELINE["ingest"])(quote(env), "ingest", {})
 
 
     results = {}

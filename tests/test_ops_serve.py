@@ -1,7 +1,7 @@
-"""`refinery serve`: the pipeline as a scheduled Prefect deployment.
+"""`refinery schedule`: the pipeline as a scheduled Prefect deployment.
 
 Against a real `prefect server` on loopback (SQLite, in a temporary home), the
-test starts `refinery serve` with a cron schedule, reads the deployment back
+test starts `refinery schedule` with a cron schedule, reads the deployment back
 through the Prefect API (schedule, parameters), then triggers it twice over a
 growing source folder: both runs complete, and the second parses only the new
 file. The triggered runs are limited to the first two stages to stay quick.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from refinery.sample_corpus import build_sample_corpus
 from refinery.storage.manifest import read_manifest
-from refinery.storage.sample_corpus import build_sample_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def served(tmp_path_factory):
         root = base / "run"
         with open(logs["serve"], "w") as out:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "refinery", "serve", "--source", str(src), "--root", str(root),
+                [sys.executable, "-m", "refinery", "schedule", "--source", str(src), "--root", str(root),
                  "--config", str(config), "--cron", CRON, "--name", "scheduled"],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         yield env, src, corpus, root, base, procs[1], logs["serve"]
@@ -114,7 +114,7 @@ def _query(env: dict[str, str], base: Path, action: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_serve_registers_the_deployment_with_its_schedule(served) -> None:
+def test_schedule_registers_the_deployment_with_its_schedule(served) -> None:
     env, src, _, root, base, serve_proc, serve_log = served
     deadline = time.monotonic() + 180
     while True:

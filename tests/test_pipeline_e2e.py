@@ -22,9 +22,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from refinery.storage.layout import STAGES
+from refinery.flows.stages import PIPELINE
+from refinery.sample_corpus import build_sample_corpus
 from refinery.storage.manifest import read_manifest
-from refinery.storage.sample_corpus import build_sample_corpus
+
+STAGES = PIPELINE.names
 
 pytestmark = pytest.mark.slow
 
@@ -115,12 +117,10 @@ def test_counts_add_up_and_dropped_tables_match(first_run) -> None:
             by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
         assert by_reason == manifests[stage].counts.dropped, stage
     # `refinery inspect`'s dropped view sees every dropped document of the document stages
-    from refinery.storage.catalog import Catalog
-
-    seen = dict(Catalog(root).query("select stage, count(*) from dropped group by 1").fetchall())
+    seen = dict(PIPELINE.catalog(root).query("select stage, count(*) from dropped group by 1").fetchall())
     assert seen == {s: manifests[s].counts.dropped_total for s in ("ingest", "dedup", "filter") if manifests[s].counts.dropped_total}
     # provenance: training tokens per source file add up to the shards' training tokens
-    tokens = Catalog(root).query("select sum(tokens) from provenance").fetchall()[0][0]
+    tokens = PIPELINE.catalog(root).query("select sum(tokens) from provenance").fetchall()[0][0]
     assert tokens == manifests["shards"].extra["train_tokens"]
     # the planted duplicates and low-quality documents gave every curation stage work
     assert manifests["ingest"].counts.dropped_total > 0
@@ -133,9 +133,13 @@ def test_digest_chain_and_mlflow_lineage(first_run) -> None:
     from mlflow.tracking import MlflowClient
 
     root = first_run[0]
+    from refinery.flows.graph import input_digest
+
     manifests = [read_manifest(root / s) for s in STAGES]
-    for before, after in zip(manifests[:-1], manifests[1:], strict=True):
-        assert after.input_digest == before.output_digest, (before.stage, after.stage)
+    digests = {m.stage: m.output_digest for m in manifests}
+    for m in manifests[1:]:  # each stage's input digest is made of the output digests of the stages it reads
+        assert m.input_digest == input_digest(PIPELINE[m.stage], digests), m.stage
+    assert manifests[1].input_digest == manifests[0].output_digest  # one input: its digest, a hash chain
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("refinery")
@@ -206,9 +210,12 @@ async def main():
         flows = await c.read_flow_runs()
         tasks = await c.read_task_runs()
         arts = await c.read_artifacts()
+        names = {t.id: t.name for t in tasks}
+        upstream = {t.name: sorted(names[i.id] for v in t.task_inputs.values() for i in v if hasattr(i, "id"))
+                    for t in tasks}
         print(json.dumps({"flows": [[f.name, f.state.name, str(f.flow_id)] for f in flows],
                           "tasks": [[t.name, t.state.name, str(t.flow_run_id)] for t in tasks],
-                          "artifacts": [a.key for a in arts if a.key]}))
+                          "upstream": upstream, "artifacts": [a.key for a in arts if a.key]}))
 asyncio.run(main())
 """
     proc = subprocess.run([sys.executable, "-c", script], env=_env(root), capture_output=True, text=True, timeout=300)
@@ -219,6 +226,10 @@ asyncio.run(main())
     assert task_names == sorted(STAGES)
     assert all(t[1] == "Completed" for t in data["tasks"])
     assert {f"{s}-report" for s in STAGES} <= set(data["artifacts"])
+    # Prefect's graph is the data graph: each stage task's upstream task runs are exactly its declared inputs.
+    stage_of = {task: task.rsplit("-", 1)[0] for task in data["upstream"]}
+    for task, upstream in data["upstream"].items():
+        assert sorted(stage_of[u] for u in upstream) == sorted(PIPELINE[stage_of[task]].inputs), (task, upstream)
 
 
 def test_second_run_skips_and_threshold_change_reruns_from_filter(first_run) -> None:

@@ -15,7 +15,7 @@ import pypdf
 import pytest
 from bs4 import BeautifulSoup
 
-from refinery.storage.sample_corpus import (
+from refinery.sample_corpus import (
     FORMATS,
     MANIFEST_NAME,
     PLANTED_KINDS,

@@ -12,10 +12,10 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers, trainers
 
-from refinery.flows.server import CompletionRequest, ServerConfig, _held_back, create_app, serving
 from refinery.model.generate import generate
 from refinery.model.gpt import GPT, config_from_preset
 from refinery.model.quantize import quantize_int8
+from refinery.serving.server import CompletionRequest, ServerConfig, _held_back, create_app, serving
 from refinery.tasks.tokenizer import EOT, new_byte_level_bpe
 
 TEXT = (
@@ -205,3 +205,43 @@ def test_request_model_and_stop_hold_back():
     assert _held_back("hello", ["END"]) == 0
     with pytest.raises(ValueError, match="extra"):
         ServerConfig(max_batch=3)
+
+
+def test_model_uris_resolve_through_the_tracking_uri_from_the_environment(model, tokenizer, tmp_path, monkeypatch):
+    """A `runs:/` model tracked in a store named only by $MLFLOW_TRACKING_URI loads, like every other command's."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from refinery.model.checkpoint import save_checkpoint
+    from refinery.serving.loading import load_for_serving, resolve_model
+
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", model)
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    (tmp_path / "shared").mkdir()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("served", artifact_location=(tmp_path / "shared" / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifacts(run_id, str(checkpoint), "model")
+    client.set_terminated(run_id)
+
+    root = tmp_path / "root"  # a run root whose own store has never seen this run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(MlflowException):
+        resolve_model(f"runs:/{run_id}/model", root)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    found, tok_file = resolve_model(f"runs:/{run_id}/model", root)
+    assert (found / "model.safetensors").is_file() and tok_file.name == "tokenizer.json"
+    served, served_tok = load_for_serving(f"runs:/{run_id}/model", root)
+    assert served_tok.get_vocab_size() == tokenizer.get_vocab_size()
+    ids = torch.tensor([tokenizer.encode("def add").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids)[0], model(ids)[0])  # the same weights came back
+
+
+def test_a_missing_checkpoint_folder_is_named(tmp_path):
+    from refinery.serving.loading import resolve_model
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(tmp_path / "nowhere", tmp_path)

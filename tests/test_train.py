@@ -216,3 +216,27 @@ def test_two_process_ddp_on_cpu_agrees_with_one_process(shards, tmp_path):
     assert [s for s, _ in ddp] == [s for s, _ in single]
     np.testing.assert_allclose([loss for _, loss in ddp], [loss for _, loss in single], rtol=1e-5)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 6
+
+
+def test_torchrun_set_parses_like_the_config_loader(tmp_path):
+    """`--set` on torchrun's command line means what `refinery run --set train.KEY=...` means."""
+    from refinery.flows.config import load_config
+    from refinery.model.train import config_from_args, main
+
+    items = ["lr=3e-4", "compile=true"]
+    cfg = config_from_args(None, items)
+    assert cfg == load_config(None, [f"train.{item}" for item in items]).train
+    assert cfg.lr == 3e-4 and cfg.compile is True
+
+    json_file = tmp_path / "train.json"
+    json_file.write_text(TrainConfig(lr=1e-3, max_time_s=None).model_dump_json())
+    assert config_from_args(json_file, ["max_steps=7"]) == TrainConfig(lr=1e-3, max_time_s=None, max_steps=7)
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text("lr: 3.0e-4\nmax_time_s: null\n")
+    assert config_from_args(yaml_file, ["compile=true"]) == TrainConfig(lr=3e-4, max_time_s=None, compile=True)
+
+    args = ["--train", "none", "--val", "none", "--vocab-size", str(VOCAB), "--out", str(tmp_path / "out")]
+    for bad in ("lr", "no_such_key=1", "lr=-1"):  # malformed, unknown, out of range: a usage error, before any data
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, "--set", bad])
+        assert exit_info.value.code == 2

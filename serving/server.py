@@ -25,7 +25,8 @@ Why it is built this way:
   sequence, and never in the middle of a multi-byte character.
 
 `run(...)` loads a checkpoint, an MLflow model URI or a run root's trained model
-(optionally with LoRA adapters and int8 weights) and serves it with uvicorn.
+(optionally with LoRA adapters and int8 weights; see `refinery.serving.loading`)
+and serves it with uvicorn.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tokenizers import Tokenizer
 
 from refinery.model.generate import generate
 from refinery.model.quantize import is_quantized
+from refinery.serving.loading import load_for_serving
 
 EOT = "<|endoftext|>"
 
@@ -478,69 +480,7 @@ async def _stream(head: dict[str, Any], rows: list[_Row], events: asyncio.Queue)
             r.cancelled = r.cancelled or r.finish_reason is None
 
 
-# ----------------------------------------------------------------------------- loading and running
-
-
-def load_for_serving(
-    checkpoint_or_model_uri: str | Path | None = None,
-    root: str | Path = ".refinery",
-    tokenizer_file: str | Path | None = None,
-    adapter: str | Path | None = None,
-    merge: bool = True,
-    int8: bool = False,
-    device: str = "cpu",
-) -> tuple[torch.nn.Module, Tokenizer]:
-    """(model, tokenizer) from a checkpoint folder, `models:/NAME/VERSION`, `runs:/ID/model`, or the run root.
-
-    With `adapter` (a folder written by `train_lora`), the adapters are loaded
-    and, with `merge=True`, folded into the weights. `int8=True` quantizes the
-    linear layers (after merging) for a quarter of their memory.
-    """
-    from refinery.model.checkpoint import load_model
-    from refinery.model.lora import load_lora, merge_lora
-    from refinery.model.quantize import quantize_int8
-    from refinery.tasks.tokenizer import load_tokenizer
-
-    checkpoint, found_tokenizer = resolve_model(checkpoint_or_model_uri, Path(root))
-    model = load_model(checkpoint, device=device)
-    if adapter is not None:
-        load_lora(model, Path(adapter))
-        if merge or int8:
-            merge_lora(model)
-    if int8:
-        quantize_int8(model)
-    tok_path = Path(tokenizer_file) if tokenizer_file else found_tokenizer
-    tokenizer, _ = load_tokenizer(tok_path)
-    return model.eval(), tokenizer
-
-
-def resolve_model(model: str | Path | None, root: Path) -> tuple[Path, Path]:
-    """(checkpoint folder, tokenizer.json) for a folder, an MLflow model URI, or the run root's model."""
-    text = str(model) if model is not None else None
-    if text and text.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        from refinery.storage.layout import RunLayout
-
-        mlflow.set_tracking_uri(RunLayout.at(root).mlflow_tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
-        checkpoints = [p.parent for p in local.rglob("model.safetensors")]
-        tokenizers = list(local.rglob("tokenizer.json"))
-        if not checkpoints or not tokenizers:
-            raise FileNotFoundError(f"{text} holds no Refinery checkpoint and tokenizer.json")
-        return checkpoints[0], tokenizers[0]
-    if text:
-        path = Path(text)
-        for candidate in (path / "tokenizer.json", path.parent / "tokenizer.json", root / "tokenizer" / "tokenizer.json"):
-            if candidate.is_file():
-                return path, candidate
-        raise FileNotFoundError(f"no tokenizer.json in or beside {path}, nor under {root}/tokenizer; pass tokenizer_file")
-    from refinery.storage.manifest import read_manifest
-
-    train = read_manifest(root / "train")
-    if train is None:
-        raise FileNotFoundError(f"no trained model under {root.resolve()}; run `refinery run` first or pass a model")
-    return root / "train" / train.extra["checkpoint_dir"], root / "tokenizer" / "tokenizer.json"
+# ----------------------------------------------------------------------------- running
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Scheduled runs: `data_to_model` served as a Prefect deployment with a cron schedule.
 
-`refinery serve` keeps a process that polls the Prefect API and starts each
+`refinery schedule` keeps a process that polls the Prefect API and starts each
 scheduled (or manually triggered) run. For a team setup with work pools and
 workers, see `prefect.yaml` at the repository root.
 """
@@ -32,7 +32,20 @@ def choose_api() -> str | None:
     return None
 
 
-def serve(name: str, cron: str | None, interval_s: float | None, parameters: dict[str, Any], limit: int = 1) -> None:
+def check_cron(cron: str) -> None:
+    """Raise ValueError for a cron string Prefect would reject, before any server is contacted."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError as exc:
+        raise ValueError(f"--cron {cron!r} is not a valid cron schedule, e.g. '0 * * * *' for hourly") from exc
+
+
+def serve_deployment(
+    name: str, cron: str | None, interval_s: float | None, parameters: dict[str, Any], limit: int = 1
+) -> None:
     """Register the deployment with its schedule and run its flow runs until interrupted."""
     from prefect.flows import EntrypointType
 

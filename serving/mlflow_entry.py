@@ -6,6 +6,6 @@ executes only this project's code, never a deserialised object.
 
 import mlflow
 
-from refinery.flows.mlflow_model import RefineryLM
+from refinery.serving.mlflow_model import RefineryLM
 
 mlflow.models.set_model(RefineryLM())
