@@ -9,13 +9,20 @@ metrics, the manifest as an artifact, and its input and output datasets with
 their digests (`mlflow.log_input`'s dataset records), so the experiment
 browser shows which data made which model. Digests in MLflow's dataset table
 are capped at 36 characters; the full 64-hex digests are kept as tags.
+
+Every run carries the pid and host of the process that made it, so that runs a
+killed process left RUNNING are marked KILLED when the next pipeline run starts
+on the same store and experiment (`close_abandoned_runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,24 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from refinery.storage.manifest import Manifest
 
 DIGEST_LEN = 32
+# MLflow 3's experiment type; the UI opens a `custom_model_development` experiment on its runs (not GenAI traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process made a run, so a later run can tell whether that process is gone."""
+    return {"refinery.pid": str(os.getpid()), "refinery.host": socket.gethostname()}
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, str]:
@@ -42,12 +67,34 @@ def flatten(prefix: str, obj: Any) -> dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
+@contextlib.contextmanager
+def fluent_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (`start_run`, `log_model`, `register_model`) at `uri`, then restore it.
+
+    `mlflow.set_tracking_uri` is process-wide and also exports `MLFLOW_TRACKING_URI`, which
+    `RunLayout.tracking_uri` reads as the user's choice: left set, one run root's store would
+    become every later command's store in the same process.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before_global = getattr(tracking_utils, "_tracking_uri", None)
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_global)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
 class Lineage:
     """Writes the pipeline's lineage into one MLflow experiment."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | str) -> None:
         self.tracking_uri = tracking_uri
-        mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -56,14 +103,45 @@ class Lineage:
             location = None
             if not tracking_uri.startswith(("http://", "https://", "databricks")):
                 location = str(artifact_root if "://" in str(artifact_root) else Path(artifact_root).resolve().as_uri())
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # experiments made before the tag; a kind set by hand stays
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_run_id: str | None = None
 
     # -- runs -----------------------------------------------------------------
+    def close_abandoned_runs(self) -> list[str]:
+        """Mark KILLED the pipeline and stage runs left RUNNING by a process of this host that no longer exists.
+
+        A killed process (SIGKILL, a lost machine) cannot end its runs, which would show as running forever.
+        Runs without the pid tags, or made on another host, are left alone: nothing here can tell whether their
+        process is still at work. Returns the run ids marked.
+        """
+        host = socket.gethostname()
+        marked = []
+        runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                       max_results=1000)
+        for run in runs:
+            tags = run.data.tags
+            pid = tags.get("refinery.pid", "")
+            if tags.get("refinery.kind") not in ("pipeline", "stage") or tags.get("refinery.host") != host:
+                continue
+            if not pid.isdigit() or _process_exists(int(pid)):
+                continue
+            self.client.set_tag(run.info.run_id, "refinery.error",
+                                f"process {pid} on {host} ended without closing this run; marked KILLED by the next run")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+        return marked
+
     def start_pipeline(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"refinery.kind": "pipeline", **tags})
+        self.close_abandoned_runs()
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={"refinery.kind": "pipeline", **_process_tags(), **tags}
+        )
         self.parent_run_id = run.info.run_id
         self._log_params(self.parent_run_id, params)
         return self.parent_run_id
@@ -73,7 +151,7 @@ class Lineage:
             self.client.set_terminated(self.parent_run_id, status=status)
 
     def start_stage(self, stage: str) -> str:
-        tags = {MLFLOW_RUN_NAME: stage, "refinery.stage": stage, "refinery.kind": "stage"}
+        tags = {MLFLOW_RUN_NAME: stage, "refinery.stage": stage, "refinery.kind": "stage", **_process_tags()}
         if self.parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = self.parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
@@ -147,9 +225,10 @@ class Lineage:
         """
         from refinery.serving.mlflow_model import log_pyfunc_model
 
-        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
-            info = log_pyfunc_model(checkpoint_dir, tokenizer_file)
-        version = mlflow.register_model(info.model_uri, registered_name, tags={"refinery.train_run": run_id})
+        with fluent_tracking(self.tracking_uri):
+            with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
+                info = log_pyfunc_model(checkpoint_dir, tokenizer_file)
+            version = mlflow.register_model(info.model_uri, registered_name, tags={"refinery.train_run": run_id})
         self.client.update_model_version(registered_name, version.version, description=description)
         return info.model_uri, str(version.version)
 

@@ -172,9 +172,11 @@ def test_digest_chain_and_mlflow_lineage(first_run) -> None:
 def test_registered_model_generates_through_pyfunc(first_run) -> None:
     import mlflow
 
+    from refinery.flows.lineage import fluent_tracking
+
     root = first_run[0]
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/refinery-lm/1")
+    with fluent_tracking(f"sqlite:///{root / 'mlflow.db'}"):  # restored after: no store leaks into later tests
+        model = mlflow.pyfunc.load_model("models:/refinery-lm/1")
     out = model.predict(["def "], params={"max_new_tokens": 5})
     assert len(out) == 1 and isinstance(out[0], str)
 

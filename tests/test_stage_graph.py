@@ -91,9 +91,11 @@ def upstream_task_runs(flow_run_id) -> dict[str, list[str]]:
             for r in runs}
 
 
-def test_a_stage_added_through_the_declaration_alone(tmp_path) -> None:
+def test_a_stage_added_through_the_declaration_alone(tmp_path, monkeypatch) -> None:
     from refinery.flows.cli import app
     from refinery.flows.pipeline import data_to_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run root's own store
 
     graph = with_polish(PIPELINE)
     sources = [write_corpus(tmp_path / "corpus")]
@@ -187,3 +189,22 @@ def test_the_architecture_doc_shows_the_declared_graph() -> None:
     block = re.search(r"<!-- stage-graph:begin -->\n```mermaid\n(.*?)```\n<!-- stage-graph:end -->", doc, re.S)
     assert block, "docs/architecture.md lost its stage-graph block"
     assert block.group(1) == PIPELINE.mermaid(), "the diagram is out of date: run `refinery stages --mermaid`"
+
+
+def test_logging_a_model_leaves_no_tracking_uri_behind(tmp_path, monkeypatch) -> None:
+    """MLflow's fluent API exports MLFLOW_TRACKING_URI; the pipeline restores it, so one root's store
+    never becomes the next command's (`RunLayout.tracking_uri` reads the variable as the user's choice)."""
+    import os
+
+    from refinery.flows.lineage import fluent_tracking
+    from refinery.storage.layout import RunLayout
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with fluent_tracking(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("a.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert RunLayout.at(tmp_path / "b").tracking_uri() == f"sqlite:///{(tmp_path / 'b').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    with fluent_tracking(f"sqlite:///{tmp_path / 'a.db'}"):
+        pass
+    assert RunLayout.at(tmp_path / "b").tracking_uri() == "http://127.0.0.1:5000"
