@@ -7,9 +7,11 @@ The peer for int8 is `torch.ao.quantization.quantize_dynamic` (int8 weights and
 activations) on the same layers.
 
 Part 2 serves the model on loopback and sends a bounded burst of concurrent
-requests, once with batching (max_batch_size 8) and once without (1).
+requests: greedy with batching (max_batch_size 8) and without (1), then sampled
+requests each with its own `seed` (batched: per-row random generators let
+differently seeded requests share a batch), reporting requests/s and p50/p99.
 
-    python -m bench.serve [--preset cpu-small] [--requests 48] [--record]
+    python -m bench.serve [--preset cpu-small] [--requests 48] [--serve-only] [--record]
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt_len: int, new_tokens: int
     return len(out[0]) / (time.perf_counter() - t0)
 
 
-def load_test(model: GPT, requests: int, batch: int, max_tokens: int) -> tuple[float, float, float]:
+def load_test(model: GPT, requests: int, batch: int, max_tokens: int, seeded: bool = False) -> tuple[float, float, float]:
+    """(requests/s, p50 s, p99 s) of a burst from 16 client threads; `seeded`: sampled, request i with seed i."""
     import httpx
 
     from refinery.serving.server import ServerConfig, create_app, serving
@@ -95,7 +98,8 @@ def load_test(model: GPT, requests: int, batch: int, max_tokens: int) -> tuple[f
 
         def one(i: int) -> float:
             t0 = time.perf_counter()
-            r = client.post("/v1/completions", json={"prompt": f"def f{i}(x):", "max_tokens": max_tokens, "temperature": 0})
+            sampling = {"temperature": 0.8, "seed": i} if seeded else {"temperature": 0}
+            r = client.post("/v1/completions", json={"prompt": f"def f{i}(x):", "max_tokens": max_tokens, **sampling})
             r.raise_for_status()
             return time.perf_counter() - t0
 
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--serve-only", action="store_true", help="skip part 1 (no training, no int8 table)")
     parser.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = parser.parse_args()
 
@@ -122,13 +127,14 @@ def main() -> None:
         train_path, val_path = synthetic_shards(Path(tmp), args.vocab_size)
         model = GPT(config_from_preset(args.preset, args.vocab_size))
         seq = model.cfg.seq_len
-        quick_train(model, TokenWindows([train_path], seq), args.train_steps)
+        quick_train(model, TokenWindows([train_path], seq), 0 if args.serve_only else args.train_steps)
         val = TokenWindows([val_path], seq)
-        variants = {"fp32": model}
-        if cpu_has_fast_bf16():  # without native bf16 instructions the CPU emulates it about 15x slower
+        variants: dict[str, torch.nn.Module] = {} if args.serve_only else {"fp32": model}
+        if variants and cpu_has_fast_bf16():  # without native bf16 instructions the CPU emulates it about 15x slower
             variants["bf16"] = copy.deepcopy(model).to(torch.bfloat16)
-        variants["int8 weight-only (Refinery)"] = quantize_int8(copy.deepcopy(model))
-        variants["int8 dynamic (torch.ao peer)"] = dynamic_int8(model)
+        if variants:
+            variants["int8 weight-only (Refinery)"] = quantize_int8(copy.deepcopy(model))
+            variants["int8 dynamic (torch.ao peer)"] = dynamic_int8(model)
         rows, base = [], {}
         for name, m in variants.items():
             loss = evaluate_loss(m, val, 8, max_batches=8)
@@ -143,23 +149,26 @@ def main() -> None:
             "", "| variant | weights MB (vs fp32) | decode tokens/s (vs fp32) | val loss (vs fp32) |", "|---|---|---|---|",
             *rows,
         ])  # fmt: skip
-        print(quant_table, flush=True)
+        if not args.serve_only:
+            print(quant_table, flush=True)
 
         serve_rows = []
         results = {}
-        for batch in (8, 1):
-            rps, p50, p99 = load_test(model, args.requests, batch, args.max_tokens)
-            results[batch] = rps
-            serve_rows.append(f"| {batch} | {rps:.1f} | {p50 * 1000:.0f} | {p99 * 1000:.0f} |")
+        for batch, seeded in ((8, False), (1, False), (8, True), (1, True)):
+            rps, p50, p99 = load_test(model, args.requests, batch, args.max_tokens, seeded)
+            results[batch, seeded] = rps
+            kind = "sampled, one seed per request" if seeded else "greedy"
+            serve_rows.append(f"| {kind} | {batch} | {rps:.1f} | {p50 * 1000:.0f} | {p99 * 1000:.0f} |")
         serve_table = "\n".join([
-            f"### completions server, {args.preset}, {args.requests} concurrent greedy requests of {args.max_tokens} "
+            f"### completions server, {args.preset}, {args.requests} concurrent requests of {args.max_tokens} "
             "tokens from 16 client threads, loopback",
-            "", "| max_batch_size | requests/s | p50 ms | p99 ms |", "|---|---|---|---|", *serve_rows,
-            "", f"batching speed-up: {results[8] / results[1]:.2f}x requests/s",
+            "", "| requests | max_batch_size | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|", *serve_rows,
+            "", f"batching speed-up: {results[8, False] / results[1, False]:.2f}x requests/s greedy, "
+            f"{results[8, True] / results[1, True]:.2f}x with a different seed per request",
         ])  # fmt: skip
         print("\n" + serve_table)
     if args.record:
-        record(f"{quant_table}\n\n{serve_table}", "torch")
+        record(serve_table if args.serve_only else f"{quant_table}\n\n{serve_table}", "torch")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop[..., 0] = False  # and always the likeliest: a top_p that rounds to 0 in float32 would drop them all
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -74,6 +75,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    generators: list[torch.Generator] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (prompt excluded, end-of-text excluded).
 
@@ -83,6 +85,10 @@ def generate(
     `compile=True` runs every step after the prompt as one compiled static-shape
     step (`compiled_decode_step`): the first call per shape pays for compiling
     (seconds), later calls decode faster. It needs a C++ compiler on CPU.
+    `generators` (one `torch.Generator` per prompt, on the model's device) gives
+    each row its own random stream, so a sampled row does not depend on which
+    other rows share the batch (a server can batch differently seeded requests);
+    without it every row draws from one generator seeded with `seed`.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start with the end-of-text id for no prompt)")
@@ -98,7 +104,9 @@ def generate(
         raise ValueError(
             f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model context {model.cfg.seq_len}"
         )
-    generator = torch.Generator(device=device).manual_seed(seed)
+    if generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"got {len(generators)} generators for {len(prompts)} prompts; give one per prompt")
+    generator = torch.Generator(device=device).manual_seed(seed) if generators is None else None
 
     # Left-pad into one (B, total) buffer; `valid` marks real tokens, `positions` counts them per row.
     tokens = torch.zeros(B, total, dtype=torch.long, device=device)
@@ -144,7 +152,11 @@ def generate(
                 next_tok = logits.argmax(-1)
             else:
                 probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-                next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                if generators is None:
+                    next_tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                else:  # each row from its own stream: its draws do not depend on the other rows
+                    next_tok = torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)
+                                          for i, g in enumerate(generators)]).squeeze(1)  # fmt: skip
             tokens[:, cur] = next_tok
             cur += 1
             for row, tok in enumerate(next_tok.tolist()):
