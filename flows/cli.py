@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -61,7 +61,6 @@ def run(
     so running twice does nothing the second time, and changing one filter
     threshold re-runs from the filter stage on.
     """
-    configure_environment(root)
     from refinery.flows.config import ConfigError, load_config
 
     try:
@@ -71,6 +70,9 @@ def run(
     if sample not in ("tiny", "default"):
         _fail(f"--sample must be tiny or default, not {sample!r}")
     sources = list(source or [])
+    if problem := _check_sources(sources, cfg.ingest):
+        _fail(problem)  # before Prefect starts or the run root is created
+    configure_environment(root)
     if not sources:
         from refinery.sample_corpus import build_sample_corpus
 
@@ -87,21 +89,61 @@ def run(
             return
         typer.echo(f"Stale from stage {from_stage!r} on; re-running from there.")
 
-    from refinery.flows.pipeline import data_to_model, select_stages
+    from refinery.flows.pipeline import EmptyStageOutput, data_to_model, select_stages
 
     try:
         select_stages(stage_list, from_stage)
     except ValueError as exc:
         _fail(str(exc))
-    summary = data_to_model(
-        sources=sources,
-        root=str(Path(root).resolve()),
-        config=cfg.model_dump(mode="json"),
-        stages=stage_list,
-        from_stage=from_stage,
-        force=force,
-    )
+    try:
+        summary = data_to_model(
+            sources=sources,
+            root=str(Path(root).resolve()),
+            config=cfg.model_dump(mode="json"),
+            stages=stage_list,
+            from_stage=from_stage,
+            force=force,
+        )
+    except EmptyStageOutput as exc:  # the run stopped with a reason; a traceback would only hide it
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     print_summary(summary)
+
+
+def _check_sources(sources: list[str], ingest_cfg: Any) -> str | None:
+    """Why the local sources cannot be ingested (missing, unreadable, nothing to read), or None.
+
+    Checked before anything starts, so a typo in --source is one line at once rather than a run root,
+    a Prefect server and retries of an I/O error. Remote URIs are left to ingest: listing them needs the
+    network and credentials.
+    """
+    import os
+
+    from refinery.tasks.ingest.sources import list_sources
+
+    for src in sources:
+        scheme, sep, rest = src.partition("://")
+        if sep and scheme != "file":
+            continue
+        path = Path(rest if sep else src).expanduser()
+        if not path.exists():
+            return f"source {src!r} does not exist; check the --source path"
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            return f"source {src!r} cannot be read; check its permissions"
+        if not path.is_dir():
+            continue
+        try:
+            files = list_sources([str(path)], ingest_cfg)
+        except OSError as exc:
+            return f"source {src!r} cannot be listed: {exc}"
+        if not any(f.error is None for f in files):
+            problems = "; ".join(sorted({f"{f.rel}: {f.error[1]}" for f in files if f.error})[:3])
+            globs = ", ".join(ingest_cfg.include[:6]) + (", ..." if len(ingest_cfg.include) > 6 else "")
+            return (
+                f"source folder {src!r} has no file to ingest (files are read when they match ingest.include: "
+                f"{globs}; and not ingest.exclude)" + (f"; unreadable: {problems}" if problems else "")
+            )
+    return None
 
 
 def print_summary(summary: dict) -> None:
@@ -111,6 +153,12 @@ def print_summary(summary: dict) -> None:
     for stage, s in summary["stages"].items():
         dropped = sum(s["dropped"].values())
         typer.echo(f"{stage:<10} {s['status']:<8} {s['in']:>8,} {s['kept']:>8,} {dropped:>8,} {s.get('seconds', 0):>8.1f}")
+    reasons = drop_reason_lines(summary["stages"])
+    if reasons:
+        typer.echo("")
+        typer.secho("dropped by reason (ingest: quarantined; `refinery inspect` has the documents)", bold=True)
+        for line in reasons:
+            typer.echo(line)
     ev = summary["stages"].get("eval", {}).get("metrics") or {}
     if ev:
         typer.echo("")
@@ -123,6 +171,19 @@ def print_summary(summary: dict) -> None:
         m = summary["model"]
         typer.echo(f"Model registered in MLflow as {m['uri']}")
     typer.echo(f"Browse the run: refinery ui --root {root}")
+
+
+def drop_reason_lines(stages: dict[str, dict], most: int = 6) -> list[str]:
+    """One indented line per stage that dropped anything: its reasons by count, the largest first."""
+    lines = []
+    for stage, s in stages.items():
+        dropped = sorted((s.get("dropped") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        if not dropped:
+            continue
+        shown = ", ".join(f"{reason} {n:,}" for reason, n in dropped[:most])
+        more = f", +{len(dropped) - most} more" if len(dropped) > most else ""
+        lines.append(f"  {stage:<10} {shown}{more}")
+    return lines
 
 
 @app.command("config")
@@ -182,11 +243,13 @@ def inspect(
     Views: ingest, dedup, filter (kept documents of each stage), dropped (every
     dropped document with stage and reason), quarantine, signals (the filter's
     quality signals), shard_stats, provenance (training tokens per source file),
-    manifests. Example:
+    manifests. Read-only: statements that write or change settings, and files
+    outside the run root, are refused (exit code 2). Example:
 
       refinery inspect "select reason, count(*) from dropped group by 1 order by 2 desc"
     """
     from refinery.flows.graph import active
+    from refinery.storage.catalog import ReadOnlyQueryError
 
     catalog = active().catalog(Path(root))
     if not catalog.views:
@@ -194,6 +257,8 @@ def inspect(
     query = sql or catalog.overview_sql()
     try:
         typer.echo(catalog.format(query, limit=limit))
+    except ReadOnlyQueryError as exc:  # writes, settings, files outside the root: refused, rc 2
+        _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - DuckDB's own message is the useful one
         _fail(f"{exc}\nviews: {', '.join(catalog.views)}")
 
@@ -255,20 +320,23 @@ ModelOpt = Annotated[
 HostOpt = Annotated[str, typer.Option(help="Address to bind; loopback by default.")]
 Int8Opt = Annotated[bool, typer.Option("--int8", help="Serve with int8 weights.")]
 AdapterOpt = Annotated[Path | None, typer.Option(help="LoRA adapter folder to apply (merged into the weights).")]
+ApiKeyFileOpt = Annotated[Path | None, typer.Option(
+    help="File holding the bearer token clients must send (default: $REFINERY_API_KEY; neither: no auth).")]  # fmt: skip
 
 
 def _warn(message: str) -> None:
     typer.secho(message, fg=typer.colors.YELLOW, err=True)
 
 
-def _serve_http(root: Path, model: str | None, host: str, port: int, int8: bool, adapter: Path | None) -> None:
+def _serve_http(root: Path, model: str | None, host: str, port: int, int8: bool, adapter: Path | None,
+                api_key_file: Path | None = None) -> None:  # fmt: skip
     """Load the model (a missing one is a one-line error, not a traceback), then serve until Ctrl-C."""
     configure_environment(root)
     from refinery.serving.server import run as run_server
 
     try:
-        run_server(model, host=host, port=port, int8=int8, root=root, adapter=adapter)
-    except FileNotFoundError as exc:
+        run_server(model, host=host, port=port, int8=int8, root=root, adapter=adapter, api_key_file=api_key_file)
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
 
@@ -280,6 +348,7 @@ def serve(
     port: int = 8000,
     int8: Int8Opt = False,
     adapter: AdapterOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     # `refinery serve` used to be the schedule. Its options stay accepted, hidden, so that old
     # command lines keep working (with a warning) instead of silently starting an HTTP server.
     source: Annotated[list[str] | None, typer.Option("--source", "-s", hidden=True)] = None,
@@ -298,7 +367,7 @@ def serve(
               "`refinery serve` serves a model over HTTP. Running the schedule.")  # fmt: skip
         _run_schedule(source, root, cron or DEFAULT_CRON, interval, config, set_, name or DEFAULT_DEPLOYMENT)
         return
-    _serve_http(root, model, host, port, int8, adapter)
+    _serve_http(root, model, host, port, int8, adapter, api_key_file)
 
 
 @app.command("serve-model", hidden=True)
@@ -309,10 +378,11 @@ def serve_model(
     port: int = 8000,
     int8: Int8Opt = False,
     adapter: AdapterOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
 ) -> None:
     """Deprecated name of `refinery serve`."""
     _warn("`refinery serve-model` is deprecated; use `refinery serve`")
-    _serve_http(root, model, host, port, int8, adapter)
+    _serve_http(root, model, host, port, int8, adapter, api_key_file)
 
 
 @app.command()
@@ -380,7 +450,7 @@ def ui(
     prefect_port: int = 4200,
     mlflow_port: int = 5000,
 ) -> None:
-    """Open the Prefect UI and the MLflow UI on a run root's stores (loopback only; Ctrl-C stops both).
+    """Open the Prefect UI and the MLflow UI on a run root's stores (loopback only; Ctrl-C or SIGTERM stops both).
 
     When MLflow tracking goes to a server ($MLFLOW_TRACKING_URI=http://...), that
     server's own UI is where the runs are, so only the Prefect UI is started.
@@ -401,18 +471,20 @@ def ui(
         if "mlflow" in cmds:
             typer.echo(f"MLFLOW_DISABLE_TELEMETRY=true {' '.join(cmds['mlflow'])}")
         return
-    procs = ui_mod.start(layout, prefect_port, mlflow_port)
-    typer.echo(f"{'Both servers are' if len(procs) > 1 else 'The Prefect server is'} starting (a few seconds); Ctrl-C stops them.")
-    try:
-        while all(p.poll() is None for p in procs):
-            import time
+    with ui_mod.sigterm_as_interrupt():  # SIGTERM (a service manager, `kill`) stops the servers like Ctrl-C
+        procs = ui_mod.start(layout, prefect_port, mlflow_port)
+        typer.echo(f"{'Both servers are' if len(procs) > 1 else 'The Prefect server is'} starting (a few seconds); "
+                   "Ctrl-C or SIGTERM stops them.")
+        try:
+            while all(p.poll() is None for p in procs):
+                import time
 
-            time.sleep(1)
-        _fail("a server exited early; run `refinery ui --print` and start the commands by hand to see why")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ui_mod.stop(procs)
+                time.sleep(1)
+            _fail("a server exited early; run `refinery ui --print` and start the commands by hand to see why")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            ui_mod.stop(procs)
 
 
 DEFAULT_CRON = "0 * * * *"
@@ -428,14 +500,17 @@ def schedule(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config for the runs.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override one config value; repeatable.")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = DEFAULT_DEPLOYMENT,
+    stages: Annotated[str | None, typer.Option("--stages", help="Comma-separated stages each run runs, e.g. ingest,dedup; default all.")] = None,
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server started when no Prefect API answers.")] = 4200,
 ) -> None:
-    """Run the pipeline on a schedule, as a Prefect deployment (runs until Ctrl-C).
+    """Run the pipeline on a schedule, as a Prefect deployment (runs until Ctrl-C or SIGTERM).
 
     Each run skips unchanged stages, so an hourly run over a growing folder only
-    processes what is new. Start `refinery ui` first to watch the runs; runs go
-    to PREFECT_API_URL, or to a Prefect server on 127.0.0.1:4200 if one answers.
+    processes what is new. Runs go to PREFECT_API_URL, or to a Prefect server on
+    127.0.0.1:4200 if one answers (e.g. `refinery ui`); otherwise a Prefect server
+    is started for the run root (its UI shows the runs) and stopped with the schedule.
     """
-    _run_schedule(source, root, cron, interval, config, set_, name)
+    _run_schedule(source, root, cron, interval, config, set_, name, stages=stages, prefect_port=prefect_port)
 
 
 def _run_schedule(
@@ -446,11 +521,15 @@ def _run_schedule(
     config: Path | None,
     set_: list[str] | None,
     name: str,
+    stages: str | None = None,
+    prefect_port: int = 4200,
 ) -> None:
     """The body of `refinery schedule`, shared with the old `refinery serve --source` form."""
     configure_environment(root)
     from refinery.flows import schedule as schedule_mod
     from refinery.flows.config import ConfigError, load_config
+    from refinery.flows.ui import sigterm_as_interrupt
+    from refinery.storage.layout import RunLayout
 
     try:
         cfg = load_config(config, set_ or [])
@@ -463,12 +542,39 @@ def _run_schedule(
             schedule_mod.check_cron(cron)
         except ValueError as exc:
             _fail(str(exc))
-    api = schedule_mod.choose_api()
-    typer.echo(f"Prefect API: {api or 'a temporary local server (start `refinery ui` first to see the runs)'}")
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    if stage_list:
+        from refinery.flows.pipeline import select_stages
+
+        try:
+            select_stages(stage_list, None)
+        except ValueError as exc:
+            _fail(str(exc))
     params = {"sources": [str(Path(s).resolve()) if "://" not in s else s for s in source],
               "root": str(Path(root).resolve()), "config": cfg.model_dump(mode="json")}
-    schedule_mod.serve_deployment(name, None if interval else cron, interval, params)
-
+    if stage_list:
+        params["stages"] = stage_list
+    layout = RunLayout.at(root)
+    with sigterm_as_interrupt():
+        api = schedule_mod.choose_api()
+        if api:
+            typer.echo(f"Prefect API: {api}")
+            schedule_mod.serve_deployment(name, None if interval else cron, interval, params)
+            return
+        # Prefect's temporary in-process server cannot keep schedules: start a persistent one for the root.
+        typer.echo(f"No Prefect API answers; starting a Prefect server for {layout.root} (its home {layout.prefect_home})")
+        try:
+            with schedule_mod.local_server(layout.prefect_home, prefect_port) as api:
+                schedule_mod.use_api(api)
+                ui_url = api.removesuffix("/api")
+                typer.echo(f"Prefect API: {api}")
+                typer.echo(f"Prefect UI  {ui_url}/runs   the scheduled runs; the server stops with the schedule")
+                schedule_mod.serve_deployment(name, None if interval else cron, interval, params)
+        except RuntimeError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            pass
+        typer.echo("Schedule stopped; the Prefect server is stopped.")
 
 if __name__ == "__main__":
     app()

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from refinery import __version__
@@ -30,7 +30,7 @@ from refinery.flows.lineage import Lineage
 from refinery.storage.atomic import sweep_temporaries
 from refinery.storage.layout import RunLayout
 from refinery.storage.manifest import MANIFEST_NAME, Manifest, build_manifest, read_manifest, write_manifest
-from refinery.storage.outputs import Checkpoint, Evaluation, StageOutput, TokenizerFile
+from refinery.storage.outputs import Checkpoint, Documents, Evaluation, StageOutput, TokenizerFile
 
 
 @dataclass
@@ -49,6 +49,22 @@ class RunEnv:
     forced: set[str]
     executor: Any = None
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class EmptyStageOutput(RuntimeError):
+    """A stage kept no documents, so the stages that read it have nothing to work on: the run stops there."""
+
+
+def empty_output_message(stage: str, manifest: Manifest, readers: list[str]) -> str:
+    """Which stage emptied the corpus and why (its drop reasons; ingest's are its quarantine reasons)."""
+    c = manifest.counts
+    what = "quarantined" if stage == "ingest" else "dropped"
+    reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(c.dropped.items(), key=lambda kv: -kv[1]))
+    why = f" ({what}: {reasons})" if reasons else ""
+    return (
+        f"stage {stage!r} kept 0 of {c.in_:,} documents{why}; nothing is left for {', '.join(map(repr, readers))}. "
+        f"Check the sources or loosen the {stage!r} config, then run again."
+    )
 
 
 def _retry_on_io_error(task: Any, task_run: Any, state: State) -> bool:
@@ -289,6 +305,13 @@ def data_to_model(
                 "dropped": manifest.counts.dropped,
                 "metrics": manifest.metrics,
             }
+            readers = [r for r in selected if name in graph[r].inputs]
+            if isinstance(outputs[name], Documents) and outputs[name].documents == 0 and readers:
+                # Stop here with the reason rather than let the next stage fail on an empty input. A returned
+                # Failed state fails the flow run without a traceback; calling the flow raises its exception.
+                message = empty_output_message(name, manifest, readers)
+                lineage.client.set_tag(parent, "refinery.error", message)
+                return Failed(message=message, data=EmptyStageOutput(message))  # type: ignore[return-value]
         model_stage = graph.producing(Checkpoint)
         model = outputs.get(model_stage.name)
         if isinstance(model, Checkpoint):

@@ -13,7 +13,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from refinery.storage.layout import RunLayout
 
@@ -60,6 +63,7 @@ def start(layout: RunLayout, prefect_port: int = 4200, mlflow_port: int = 5000) 
 
 
 def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Stop each server's process group: SIGTERM, then SIGKILL for whatever is left after `grace_s`."""
     for p in procs:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
@@ -69,3 +73,18 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM unwind like Ctrl-C (so `finally` blocks stop child servers); restores the old handler."""
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

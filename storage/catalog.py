@@ -6,11 +6,18 @@ names its views, e.g. `ingest`, `dedup`, `filter` over their kept documents,
 over every stage: `dropped` (every stage's dropped documents with the stage
 and reason; ingest's are its quarantine rows) and `manifests` (one row per
 completed stage). A view is created only where its files exist.
+
+The catalog is read-only: questions, not changes. Only reading statements run
+(`check_read_only`), and once the views are registered, DuckDB is locked to
+reading files under the run root (no other paths, no network, no extension
+installs, no settings changes), so a query cannot overwrite a stage's output or
+reach outside the root.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +25,48 @@ import duckdb
 
 from refinery.storage.layout import RunLayout
 from refinery.storage.manifest import read_manifest
+
+# Statement kinds that only read. DESCRIBE, SUMMARIZE and SHOW parse as SELECT; EXPLAIN is checked on what it explains
+# (EXPLAIN ANALYZE runs it).
+READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN, duckdb.StatementType.PRAGMA}
+# PRAGMAs that only show something; others set options (e.g. profiling_output writes a file).
+READ_PRAGMAS = {
+    "show_tables", "show_tables_expanded", "table_info", "show", "version", "database_list", "database_size",
+    "functions", "platform", "collations", "user_agent",
+}  # fmt: skip
+ALLOWED = "SELECT (with DESCRIBE, SUMMARIZE, SHOW), EXPLAIN of a SELECT, PRAGMA " + ", ".join(sorted(READ_PRAGMAS))
+
+
+class ReadOnlyQueryError(ValueError):
+    """A query the catalog refuses: it would write, change settings, or read outside the run root."""
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str, _explained: bool = False) -> None:
+    """Raise ReadOnlyQueryError unless every statement of `sql` only reads."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error:
+        if _explained:  # what an EXPLAIN wraps must be recognisably a read
+            raise ReadOnlyQueryError(f"refused: EXPLAIN of `{sql.strip()[:120]}`; only EXPLAIN [ANALYZE] SELECT") from None
+        return  # a syntax error: DuckDB reports it when the query runs
+    for st in statements:
+        text = " ".join(st.query.split())
+        kind = st.type
+        if kind == duckdb.StatementType.EXPLAIN and not _explained:
+            inner = re.sub(r"^\s*explain(\s+analy[sz]e)?\s+", "", st.query, flags=re.IGNORECASE)
+            check_read_only(con, inner, _explained=True)
+            continue
+        if _explained and kind != duckdb.StatementType.SELECT:
+            pass  # EXPLAIN (ANALYZE runs it) only of a SELECT
+        elif kind == duckdb.StatementType.PRAGMA:
+            m = re.match(r"\s*pragma\s+(\w+)", st.query, flags=re.IGNORECASE)
+            if m and m.group(1).lower() in READ_PRAGMAS and "=" not in st.query:
+                continue
+        elif kind in READ_STATEMENTS:
+            continue
+        raise ReadOnlyQueryError(
+            f"refused: {kind.name} statement `{text[:120]}`; `refinery inspect` only reads (allowed: {ALLOWED})"
+        )
 
 
 def _sql_list(paths: list[Path]) -> str:
@@ -32,6 +81,15 @@ class Catalog:
         self.con = duckdb.connect()
         self.views: list[str] = []
         self._register(views, stages)
+        self._lock()
+
+    def _lock(self) -> None:
+        """After the views exist: read files under the run root only, no network, no extensions, no SET."""
+        allowed = str(self.layout.root).rstrip("/") + "/"  # the slash keeps `<root>2/` out
+        self.con.execute("set allowed_directories = [" + "'" + allowed.replace("'", "''") + "']")
+        self.con.execute("set autoinstall_known_extensions = false")
+        self.con.execute("set enable_external_access = false")
+        self.con.execute("set lock_configuration = true")
 
     def _view(self, name: str, paths: list[Path], union: bool = False) -> None:
         paths = [p for p in paths if p.is_file()]
@@ -75,7 +133,15 @@ class Catalog:
             self.views.append("manifests")
 
     def query(self, sql: str) -> duckdb.DuckDBPyRelation:
-        return self.con.sql(sql)
+        """Run a read-only query; ReadOnlyQueryError for anything else (see `check_read_only`)."""
+        check_read_only(self.con, sql)
+        try:
+            return self.con.sql(sql)
+        except duckdb.PermissionException as exc:
+            raise self._outside(exc) from exc
+
+    def _outside(self, exc: duckdb.Error) -> ReadOnlyQueryError:
+        return ReadOnlyQueryError(f"refused: only files under the run root {self.layout.root} can be read ({exc})")
 
     def overview_sql(self) -> str:
         if "manifests" in self.views:
@@ -86,4 +152,7 @@ class Catalog:
         rel = self.query(sql)
         if rel is None:
             return "ok"
-        return str(rel.limit(limit)) if limit else str(rel)
+        try:
+            return str(rel.limit(limit)) if limit else str(rel)
+        except duckdb.PermissionException as exc:  # a lazy relation reads its files only now
+            raise self._outside(exc) from exc

@@ -5,6 +5,10 @@ test starts `refinery schedule` with a cron schedule, reads the deployment back
 through the Prefect API (schedule, parameters), then triggers it twice over a
 growing source folder: both runs complete, and the second parses only the new
 file. The triggered runs are limited to the first two stages to stay quick.
+
+With no Prefect API to talk to, `refinery schedule` starts its own server for the
+run root: a run made by the interval schedule itself (not triggered by hand)
+completes, and stopping the schedule with SIGTERM stops that server.
 """
 
 from __future__ import annotations
@@ -149,3 +153,67 @@ def test_triggered_runs_complete_and_process_only_what_is_new(served) -> None:
     assert after.metrics["files_unchanged"] == before.metrics["files"]
     assert after.counts.kept > before.counts.kept
     assert read_manifest(root / "dedup").input_digest == after.output_digest
+
+
+def _api_json(url: str, body: dict | None = None) -> dict | list:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="POST" if data is not None else "GET")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _answers(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(api + "/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_interval_schedule_starts_its_own_server_and_a_scheduled_run_completes(tmp_path) -> None:
+    if _answers("http://127.0.0.1:4200/api"):
+        pytest.skip("a Prefect server already answers on 127.0.0.1:4200; `refinery schedule` would use it")
+    src = build_sample_corpus(tmp_path / "corpus", size="tiny").root
+    root = tmp_path / "run"
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") or k.startswith("PREFECT_SERVER_")}
+    # The server's scheduler and the runner's polling at a test's pace (defaults: 60 s and 10 s).
+    env.update(PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2", PREFECT_RUNNER_POLL_FREQUENCY="2",
+               PYTHONUNBUFFERED="1")
+    log = tmp_path / "schedule.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "refinery", "schedule", "--source", str(src), "--root", str(root),
+             "--interval", "3", "--stages", "ingest,dedup", "--prefect-port", str(port),
+             "--set", "execution.progress=false"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        done = None
+        while done is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+            try:
+                deployment = _api_json(f"{api}/deployments/name/data_to_model/scheduled")
+                runs = _api_json(f"{api}/flow_runs/filter",
+                                 {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+            except OSError:
+                continue
+            done = next((r for r in runs if r["state_type"] == "COMPLETED"), None)
+        text = log.read_text()
+        assert "starting a Prefect server" in text and f"http://127.0.0.1:{port}/runs" in text, text[-3000:]
+        # Made by the schedule, not by hand: the server's scheduler created it from the deployment's schedule.
+        assert done["auto_scheduled"] is True and done["deployment_id"] == deployment["id"]
+        assert done["parameters"]["stages"] == ["ingest", "dedup"]
+        [sched] = deployment["schedules"]
+        assert sched["active"] is True and sched["schedule"]["interval"] in (3, 3.0, "PT3S")
+        assert read_manifest(root / "ingest") is not None and read_manifest(root / "dedup") is not None
+        assert (root / "prefect" / "server.log").is_file()
+    finally:
+        _stop(proc)
+    assert proc.returncode is not None
+    assert "the Prefect server is stopped" in log.read_text(), log.read_text()[-3000:]
+    assert not _answers(api)
