@@ -17,12 +17,10 @@ on the same store and experiment (`close_abandoned_runs`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from refinery.storage.layout import fluent_tracking
 from refinery.storage.manifest import Manifest
 
 DIGEST_LEN = 32
@@ -65,29 +64,6 @@ def flatten(prefix: str, obj: Any) -> dict[str, str]:
     else:
         out[prefix] = json.dumps(obj) if isinstance(obj, (list, dict)) else str(obj)
     return {k: v[:6000] for k, v in out.items()}
-
-
-@contextlib.contextmanager
-def fluent_tracking(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (`start_run`, `log_model`, `register_model`) at `uri`, then restore it.
-
-    `mlflow.set_tracking_uri` is process-wide and also exports `MLFLOW_TRACKING_URI`, which
-    `RunLayout.tracking_uri` reads as the user's choice: left set, one run root's store would
-    become every later command's store in the same process.
-    """
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    before_global = getattr(tracking_utils, "_tracking_uri", None)
-    before_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before_global)
-        if before_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 class Lineage:

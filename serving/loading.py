@@ -30,8 +30,11 @@ def resolve_model(model: str | Path | None, root: str | Path, tracking_uri: str 
     if text and text.startswith(MLFLOW_SCHEMES):
         import mlflow
 
+        from refinery.storage.layout import fluent_tracking
+
         uri = layout.tracking_uri(tracking_uri)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=uri, registry_uri=uri))
+        with fluent_tracking(uri):  # `models:/` resolves through the process-wide registry URI, whatever is passed
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=uri, registry_uri=uri))
         checkpoints = [p.parent for p in local.rglob("model.safetensors")]
         tokenizers = list(local.rglob("tokenizer.json"))
         if not checkpoints or not tokenizers:

@@ -10,11 +10,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def fluent_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (`start_run`, `log_model`, `register_model`) at `uri`, then restore it.
+
+    `mlflow.set_tracking_uri` is process-wide and also exports `MLFLOW_TRACKING_URI`, which
+    `RunLayout.tracking_uri` reads as the user's choice: left set, one run root's store would
+    become every later command's store in the same process.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before_global = getattr(tracking_utils, "_tracking_uri", None)
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_global)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 @dataclass(frozen=True)

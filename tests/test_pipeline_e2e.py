@@ -172,7 +172,7 @@ def test_digest_chain_and_mlflow_lineage(first_run) -> None:
 def test_registered_model_generates_through_pyfunc(first_run) -> None:
     import mlflow
 
-    from refinery.flows.lineage import fluent_tracking
+    from refinery.storage.layout import fluent_tracking
 
     root = first_run[0]
     with fluent_tracking(f"sqlite:///{root / 'mlflow.db'}"):  # restored after: no store leaks into later tests

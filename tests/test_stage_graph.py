@@ -196,8 +196,7 @@ def test_logging_a_model_leaves_no_tracking_uri_behind(tmp_path, monkeypatch) ->
     never becomes the next command's (`RunLayout.tracking_uri` reads the variable as the user's choice)."""
     import os
 
-    from refinery.flows.lineage import fluent_tracking
-    from refinery.storage.layout import RunLayout
+    from refinery.storage.layout import RunLayout, fluent_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with fluent_tracking(f"sqlite:///{tmp_path / 'a.db'}"):
