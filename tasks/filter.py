@@ -46,6 +46,7 @@ from refinery.storage.documents import (
 )
 from refinery.storage.manifest import Counts, OutputFile, StageResult, describe_file, file_sha256
 from refinery.tasks.parallel import map_in_order
+from refinery.tasks.pii import KINDS as PII_KINDS
 from refinery.tasks.pii import PIIRules, redact
 from refinery.tasks.quality import FAMILIES, RuleFamily, compute_signals
 
@@ -249,8 +250,9 @@ def run_filter(
             kept = table.filter(pa.array(keep))
             if cfg.pii.enabled and kept.num_rows:
                 texts = []
-                for t in kept.column("text").to_pylist():
-                    red, counts = redact(t, cfg.pii)
+                kept_formats = kept.column("format").to_pylist()
+                for t, fmt in zip(kept.column("text").to_pylist(), kept_formats, strict=True):
+                    red, counts = redact(t, cfg.pii, is_code=fmt in cfg.code_formats)
                     pii_counts.update(counts)
                     texts.append(red)
                 idx = kept.column_names.index("text")
@@ -290,7 +292,7 @@ def run_filter(
         "seconds_select": time.perf_counter() - t_signals,
         "signals_reused": float(reused),
         **{f"dropped_{k}": float(v) for k, v in sorted(dropped.items())},
-        **{f"pii_{k}": float(pii_counts.get(k, 0)) for k in ("email", "ip", "phone")},
+        **{f"pii_{k}": float(pii_counts.get(k, 0)) for k in PII_KINDS},
     }
     return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra={"chart": CHART})
 

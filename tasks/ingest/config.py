@@ -6,9 +6,12 @@ pydantic with a message that names the key.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# `inside`: follow a link only when its target resolves inside the source folder it was found in.
+SymlinkPolicy = Literal["inside", "all", "none"]
 
 DEFAULT_EXCLUDE = [
     ".*",  # hidden files at the top of a source
@@ -63,4 +66,19 @@ class IngestConfig(BaseModel):
     )
     batch_files: int = Field(default=64, ge=1, description="Files per parse batch.")
     batch_bytes: int = Field(default=64 * 2**20, gt=0, description="Raw bytes per parse batch.")
-    follow_symlinks: bool = Field(default=True, description="Follow symlinked files and folders (loops are quarantined).")
+    follow_symlinks: SymlinkPolicy = Field(
+        default="inside",
+        description=(
+            "Which symlinks to follow: `inside` (targets within the source folder), `all` or `none`."
+            " A link not followed is quarantined, never read; loops are quarantined. `true`/`false` mean"
+            " `inside`/`none`."
+        ),
+    )
+
+    @field_validator("follow_symlinks", mode="before")
+    @classmethod
+    def _bool_policy(cls, value: Any) -> Any:
+        """Older configs say `true`/`false`; `true` now means `inside`, so no link pulls in `/etc/passwd`."""
+        if isinstance(value, bool):
+            return "inside" if value else "none"
+        return value

@@ -136,12 +136,20 @@ def _list_local(root: str, cfg: IngestConfig) -> Iterator[SourceFile]:
             return
         raise FileNotFoundError(f"ingest source {root!r} does not exist; check the --source path") from exc
     if stat.S_ISDIR(st.st_mode):
-        yield from _walk(root, "", cfg, visited={(st.st_dev, st.st_ino)})
+        yield from _walk(root, "", cfg, visited={(st.st_dev, st.st_ino)}, real_root=os.path.realpath(root))
     else:
         yield _local_entry(root, os.path.basename(root), st)
 
 
-def _walk(root: str, rel_dir: str, cfg: IngestConfig, visited: set[tuple[int, int]]) -> Iterator[SourceFile]:
+def _outside(path: str, real_root: str) -> bool:
+    """True when a link's target resolves outside the source folder (`..` and nested links included)."""
+    target = os.path.realpath(path, strict=True)  # OSError on a loop or a dangling link: quarantined as such
+    return os.path.commonpath([real_root, target]) != real_root
+
+
+def _walk(
+    root: str, rel_dir: str, cfg: IngestConfig, visited: set[tuple[int, int]], real_root: str
+) -> Iterator[SourceFile]:
     folder = os.path.join(root, rel_dir) if rel_dir else root
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -153,10 +161,17 @@ def _walk(root: str, rel_dir: str, cfg: IngestConfig, visited: set[tuple[int, in
         full = entry.path
         try:
             is_link = entry.is_symlink()
-            if is_link and not cfg.follow_symlinks:
+            if is_link and cfg.follow_symlinks == "none":
                 if selected(rel, cfg):
-                    yield SourceFile(local_uri(full), _safe_text(rel), full, "file",
-                                     error=("not_a_regular_file", "symlink not followed (follow_symlinks: false)"))
+                    yield SourceFile(local_uri(full), _safe_text(rel), full, "file", error=(
+                        "not_a_regular_file", "symlink not followed (follow_symlinks: none)"))
+                continue
+            # Checked before anything is read through the link, so `passwd.txt -> /etc/passwd` stays unread.
+            if is_link and cfg.follow_symlinks == "inside" and _outside(full, real_root):
+                if (not _dir_excluded(rel, cfg)) if entry.is_dir() else selected(rel, cfg):
+                    yield SourceFile(local_uri(full), _safe_text(rel), full, "file", error=(
+                        "symlink_outside_root",
+                        "symlink target is outside the source folder; not read (follow_symlinks: inside)"))
                 continue
             st = os.stat(full)  # follows symlinks; raises ELOOP on a loop
         except OSError as exc:
@@ -171,7 +186,7 @@ def _walk(root: str, rel_dir: str, cfg: IngestConfig, visited: set[tuple[int, in
                 yield SourceFile(local_uri(full), _safe_text(rel), full, "file", error=(
                     "symlink_loop", f"symlinked folder {_safe_text(rel)!r} leads back to a folder already read"))
                 continue
-            yield from _walk(root, rel, cfg, visited | {key})
+            yield from _walk(root, rel, cfg, visited | {key}, real_root)
         elif selected(rel, cfg):
             yield _local_entry(full, rel, st)
 

@@ -18,12 +18,15 @@ from refinery.tasks.quality import (
     gopher_repetition,
     language,
     safety,
+    secrets,
 )
 from refinery.tasks.quality.base import AppliesTo, Batch, Rule, RuleFamily, compute_signals
 
 # Checked in this order; a dropped document is counted under the first rule it fails. The trust families
-# (decontamination, safety) come first, so a contaminated or blocked document is always counted as such.
+# (secrets, decontamination, safety) come first, so a contaminated or blocked document is always counted as
+# such; secrets lead, because a leaked credential must be found and rotated whatever else is wrong.
 FAMILIES: list[type[RuleFamily]] = [
+    secrets.SecretRules,
     decontamination.DecontaminationRules,
     safety.SafetyRules,
     language.LanguageRules,
