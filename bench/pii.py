@@ -359,6 +359,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--write", action="store_true", help="regenerate the labelled set")
     ap.add_argument("--errors", action="store_true", help="also list every misclassified string")
+    ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
     if args.write:
         rows = generate()
@@ -366,7 +367,14 @@ def main() -> None:
         DATA.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         print(f"wrote {len(rows)} rows to {DATA}")
     rows = load()
-    print(table(evaluate(rows), len(rows)))
+    result = table(evaluate(rows), len(rows))
+    print(result)
+    if args.record:
+        from bench.common import record
+
+        record("## PII and secret detectors: precision and recall (python -m bench.pii)\n\n"
+               "The detectors were written against this set: a floor against regressions, not a field measure.\n\n"
+               + result)
     if args.errors:
         print("\n".join(errors(rows)) or "no errors")
 
