@@ -151,12 +151,12 @@ class Graph:
                 out.update(s.inputs)
         return [n for n in self.names if n in out]
 
-    def producing(self, kind: type[StageOutput]) -> Stage:
-        """The one stage whose output is of type `kind` (e.g. the trained checkpoint)."""
+    def producing(self, kind: type[StageOutput], required: bool = True) -> Stage | None:
+        """The one stage whose output is of type `kind` (e.g. the trained checkpoint); None if none and not required."""
         found = [s for s in self.stages if issubclass(s.output, kind)]
-        if len(found) != 1:
+        if len(found) > 1 or (required and not found):
             raise LookupError(f"{len(found)} stages produce {kind.__name__}: {[s.name for s in found]}")
-        return found[0]
+        return found[0] if found else None
 
     def select(self, stages: Sequence[str] | None, from_stage: str | None) -> tuple[list[str], set[str]]:
         """Which stages run, and which are forced to re-run (`--from` forces its stage and what reads it)."""

@@ -243,16 +243,17 @@ def build_graph(
     src = source_nodes(layout, sources, cfg)
     stages = stage_nodes(layout, sources, cfg, graph)
     models: list[Node] = []
+    trained = graph.producing(Checkpoint, required=False)
     if use_mlflow and (layout.has_tracking(cfg.tracking.mlflow_uri)):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri(layout, cfg))
         _stage_run_ids(client, cfg.tracking.experiment, stages)
-        trained = graph.producing(Checkpoint).name
-        models = model_nodes(client, cfg.tracking.registered_model, next(n for n in stages if n.label == trained))
+        if trained is not None:
+            models = model_nodes(client, cfg.tracking.registered_model, next(n for n in stages if n.label == trained.name))
     edges = [(s.id, f"stage:{st.name}") for s in src for st in graph.stages if st.reads_sources is not None]
     edges += [(f"stage:{a}", f"stage:{b}") for a, b in graph.edges()]
-    edges += [(f"stage:{graph.producing(Checkpoint).name}", m.id) for m in models]
+    edges += [(f"stage:{trained.name}", m.id) for m in models if trained is not None]
     return LineageGraph(layout.root, [*src, *stages, *models], edges)
 
 
@@ -327,7 +328,8 @@ def render_png(graph: LineageGraph, path: str | os.PathLike[str]) -> Path:
     for d, names in columns.items():
         for j, name in enumerate(names):
             pos[f"stage:{name}"] = (d + 1.0, 1.1 * ((len(names) - 1) / 2 - j))
-    train_x = pos[f"stage:{graph_.producing(Checkpoint).name}"][0]
+    trained = graph_.producing(Checkpoint, required=False)
+    train_x = pos[f"stage:{trained.name}"][0] if trained is not None else max(p[0] for p in pos.values())
     for i, n in enumerate(models):
         pos[n.id] = (train_x + 1.0 + 1.0 * (i // 3), -1.1 - 0.8 * (i % 3))
     xs = [p[0] for p in pos.values()]

@@ -312,20 +312,17 @@ def data_to_model(
                 message = empty_output_message(name, manifest, readers)
                 lineage.client.set_tag(parent, "refinery.error", message)
                 return Failed(message=message, data=EmptyStageOutput(message))  # type: ignore[return-value]
-        model_stage = graph.producing(Checkpoint)
-        model = outputs.get(model_stage.name)
-        if isinstance(model, Checkpoint):
-            evaluation = next((o for o in outputs.values() if isinstance(o, Evaluation)), None)
+        evaluation = next((o for o in outputs.values() if isinstance(o, Evaluation)), None)
+        model = next((o for o in outputs.values() if isinstance(o, Checkpoint)), None)
+        if model is not None:
             val = (evaluation or model).metrics.get("val_loss")
-            tokenizer = outputs.get(graph.producing(TokenizerFile).name) or completed_output(
-                layout, graph.producing(TokenizerFile), model_stage.name
-            )
+            tok_stage = graph.producing(TokenizerFile)
+            tokenizer = outputs.get(tok_stage.name) or completed_output(layout, tok_stage, model.stage)
             summary["model"] = _register_model(env, model, tokenizer, val)  # type: ignore[arg-type]
             from refinery.flows.lineage_graph import record_provenance
 
             mv = lineage.client.get_model_version(summary["model"]["name"], summary["model"]["version"])
             summary["provenance"] = str(record_provenance(layout, sources, lineage.client, mv.run_id))
-        evaluation = next((o for o in outputs.values() if isinstance(o, Evaluation)), None)
         if evaluation is not None:
             lineage.log_metrics(parent, evaluation.metrics, step=0)
         status = "FINISHED"

@@ -167,6 +167,11 @@ def test_everything_derives_from_the_declaration() -> None:
     assert PIPELINE.select(None, "tokenizer") == (["tokenizer", "shards", "train", "eval"],
                                                   {"tokenizer", "shards", "train", "eval"})
     assert extended.downstream("polish") == ["polish", "tokenizer", "shards", "train", "eval"]
+    from refinery.storage.outputs import Checkpoint, Shards
+
+    assert PIPELINE.producing(Shards).name == "shards"
+    data_only = Graph(PIPELINE.stages[:5])  # a pipeline without a model: nothing to register, no model edges
+    assert data_only.producing(Checkpoint, required=False) is None
     assert [v[0] for v in PIPELINE.catalog_views()] == [
         "ingest", "quarantine", "dedup", "filter", "signals", "shard_stats", "provenance"]
 
