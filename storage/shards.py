@@ -6,8 +6,9 @@ document closed by the end-of-text token. Shards are uncompressed so that the
 loader can memory-map them and serve random windows of `seq_len + 1` tokens
 straight from the flattened values, without copying a shard into memory.
 
-The train/val split is a pure function of the document id (`is_val`), so it is
-the same in every run, for every corpus, and for every stage that asks.
+The train/val split is a pure function of the document's text (`is_val`), so it
+is the same in every run, for every stage that asks, and wherever the corpus
+lives: moving or renaming the source folder changes the ids, not the split.
 """
 
 from __future__ import annotations
@@ -35,15 +36,20 @@ def shard_schema(vocab_size: int) -> pa.Schema:
     return pa.schema([pa.field("id", pa.string()), pa.field("input_ids", pa.list_(token_dtype(vocab_size)))])
 
 
-def split_fraction(doc_id: str, salt: str = "split") -> float:
-    """A uniform number in [0, 1) fixed by the document id (and a salt naming its use)."""
-    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8, person=salt.encode()[:16]).digest()
+def split_fraction(key: str, salt: str = "split") -> float:
+    """A uniform number in [0, 1) fixed by `key` (and a salt naming its use)."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, person=salt.encode()[:16]).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def is_val(doc_id: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the validation split: a hash of its id, stable across runs."""
-    return split_fraction(doc_id) < val_fraction
+def is_val(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split.
+
+    Keyed by the text, not the id: ids hash the source path, so a corpus copied
+    to another folder would otherwise be split (and trained) differently.
+    Exact duplicates are gone by the time the split is asked for.
+    """
+    return split_fraction(text) < val_fraction
 
 
 def write_token_shard_arrays(

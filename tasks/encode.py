@@ -5,7 +5,7 @@ a unit of pure work (read, encode, flatten to one token array) that runs
 in-process, on a pool of processes of our own (`workers`), or on an executor
 the caller passes (a Dask cluster), with at most a few units in flight so
 memory stays bounded whatever the corpus size. The main process routes the
-documents, in corpus order, to the `train` or `val` split (a hash of the id)
+documents, in corpus order, to the `train` or `val` split (a hash of the text)
 and cuts each split into shards of about `shard_tokens` tokens.
 
 Files written under the stage directory:
@@ -74,7 +74,7 @@ class ShardsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents (by id hash) in val")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents (by text hash) in val")
     shard_tokens: int = Field(2**25, ge=1, description="a shard is closed once it holds at least this many tokens")
     batch_docs: int = Field(1000, ge=1, description="documents per tokenizer call")
     workers: int = Field(
@@ -139,7 +139,6 @@ def encode_row_group(task: EncodeTask) -> EncodedBatch:
         ids_per_doc.extend(enc.ids for enc in tok.encode_batch_fast(chunk))
     for ids in ids_per_doc:
         ids.append(eot_id)
-    doc_ids = table.column("id").to_pylist()
     # Arrow converts the lists of ids in C++: one pass, no per-token Python iteration.
     encoded = pa.array(ids_per_doc, type=pa.list_(pa.from_numpy_dtype(dtype)))
     lengths = np.zeros(len(texts), dtype=np.int64)
@@ -153,7 +152,7 @@ def encode_row_group(task: EncodeTask) -> EncodedBatch:
         n_bytes=n_bytes,
         lengths=lengths,
         values=values,
-        split=np.fromiter((is_val(i, task.val_fraction) for i in doc_ids), dtype=np.int8, count=len(doc_ids)),
+        split=np.fromiter((is_val(t or "", task.val_fraction) for t in texts), dtype=np.int8, count=len(texts)),
     )
 
 

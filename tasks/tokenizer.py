@@ -111,25 +111,25 @@ class _Scan:
     def __iter__(self) -> Iterator[list[str]]:
         cfg = self.cfg
         bar = tqdm(desc="tokenizer: reading", unit="doc", disable=not self.progress)
-        for batch in iter_batches(self.paths, columns=["id", "text", "format"], batch_size=cfg.batch_docs):
-            ids, texts, formats = (batch.column(c).to_pylist() for c in ("id", "text", "format"))
+        for batch in iter_batches(self.paths, columns=["text", "format"], batch_size=cfg.batch_docs):
+            texts, formats = (batch.column(c).to_pylist() for c in ("text", "format"))
             chosen: list[str] = []
-            for doc_id, text, fmt in zip(ids, texts, formats, strict=True):
+            for text, fmt in zip(texts, formats, strict=True):
                 self.counts["in"] += 1
                 if not text:
                     self.counts["empty_text"] += 1
-                elif is_val(doc_id, cfg.val_fraction):
+                elif is_val(text, cfg.val_fraction):
                     self.counts["val_split"] += 1
                     if self.val_bytes < cfg.eval_bytes:
                         self.val.append((fmt, text))
                         self.val_bytes += len(text.encode("utf-8"))
-                elif self.sample_bytes < cfg.sample_bytes and split_fraction(doc_id, "bpe-sample") < self.rate:
+                elif self.sample_bytes < cfg.sample_bytes and split_fraction(text, "bpe-sample") < self.rate:
                     self.counts["kept"] += 1
                     self.sample_bytes += len(text.encode("utf-8"))
                     chosen.append(text)
                 else:
                     self.counts["not_sampled"] += 1
-            bar.update(len(ids))
+            bar.update(len(texts))
             if chosen:
                 yield chosen
         bar.close()

@@ -74,7 +74,7 @@ def test_every_document_decodes_to_its_curated_text(corpus, encoded) -> None:
             ids, tokens = read_shard(stage / name)
             assert pa.ipc.open_file(pa.memory_map(str(stage / name))).schema.field("input_ids").type == pa.list_(pa.uint16())
             for doc_id, toks in zip(ids, tokens, strict=True):
-                assert is_val(doc_id, CFG.val_fraction) == (split == "val")
+                assert is_val(texts[doc_id], CFG.val_fraction) == (split == "val")
                 assert toks[-1] == eot_id and eot_id not in toks[:-1]
                 assert tok.decode(toks[:-1].tolist(), skip_special_tokens=False) == texts[doc_id]
                 assert doc_id not in seen
