@@ -1,6 +1,8 @@
 # The project image used by the Prefect worker and the servers in docker-compose.yml.
 FROM python:3.11-slim
-RUN apt-get update && apt-get install -y --no-install-recommends tesseract-ocr && rm -rf /var/lib/apt/lists/*
+# OCR: Tesseract reads images; poppler's pdftoppm renders the pages of scanned PDFs for it.
+RUN apt-get update && apt-get install -y --no-install-recommends tesseract-ocr poppler-utils \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE prefect.yaml ./
 COPY refinery refinery

@@ -33,14 +33,16 @@ def test_services_and_their_backends(compose) -> None:
     pg = services["postgres"]
     assert "healthcheck" in pg and any("/var/lib/postgresql/data" in v for v in pg["volumes"])
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    mlflow_cmd = services["mlflow"]["command"]
-    assert "--backend-store-uri postgresql://" in mlflow_cmd and "s3://" in mlflow_cmd
+    mlflow = services["mlflow"]
+    assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")  # not on the command line
+    assert "--artifacts-destination s3://" in mlflow["command"]
     assert "mc mb" in services["create-buckets"]["entrypoint"]
     assert services["prefect-worker"].get("build") or services["prefect-worker"].get("image")
     assert "worker start" in services["prefect-worker"]["command"]
     # services that need the database wait until it is healthy
     for name in ("prefect-server", "mlflow"):
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["prefect-worker"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
 
 
 def test_only_the_uis_are_published_on_loopback(compose) -> None:

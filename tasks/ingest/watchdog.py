@@ -102,7 +102,9 @@ def parse_guarded(read: Callable[[], Iterable[Item]], timeout_s: float) -> list[
     """Every item `read()` yields within `timeout_s`, with any failure as a `Problem`; never raises for bad input.
 
     A file-level `ReadError` keeps the records read before it; a timeout keeps none,
-    since how far a slow parse got depends on the machine and outputs must not.
+    since how far a slow parse got depends on the machine and outputs must not. Nor
+    does `decompression_limit`: a bomb (an archive's members included) is one
+    quarantine row and no documents, so a half-read bomb never passes for data.
     """
     items: list[Item] = []
     try:
@@ -112,6 +114,8 @@ def parse_guarded(read: Callable[[], Iterable[Item]], timeout_s: float) -> list[
     except FileTimeout:
         return [Problem("timeout", f"parsing took longer than file_timeout_s={timeout_s}; raise it or split the file")]
     except ReadError as exc:
+        if exc.reason == "decompression_limit":
+            return [Problem(exc.reason, exc.message)]
         items.append(Problem(exc.reason, exc.message))
     except MemoryError:
         items.append(Problem("too_large", "ran out of memory parsing this file; lower max_file_bytes"))

@@ -3,6 +3,10 @@
 Never extracted to disk, so a `../` or absolute member can't land anywhere (it is
 quarantined as `unsafe_path`). Records are numbered across all members (`#n`), and
 `meta.member` names the member (`outer.zip/inner.txt` for nested archives).
+
+An archive that trips a limit (`max_decompressed_bytes`, or more than `MAX_MEMBERS`
+members in one archive) raises `decompression_limit` naming the limit and the member
+where it tripped; the file guard then keeps nothing of it, so a bomb is one quarantine row.
 """
 
 from __future__ import annotations
@@ -20,6 +24,30 @@ from refinery.tasks.ingest.sources import glob_match
 from refinery.tasks.ingest.watchdog import FileTimeout
 
 MAX_DEPTH = 3  # archives inside archives inside archives
+MAX_MEMBERS = 10_000  # files in one archive; with MAX_DEPTH and the byte budget this bounds the work
+
+
+class ArchiveLimit(ReadError):
+    """`decompression_limit` raised inside an archive: `limit` says which, `member` where (a path for nested ones)."""
+
+    def __init__(self, limit: str, member: str) -> None:
+        super().__init__("decompression_limit", f"{limit} (tripped at member {member!r})")
+        self.limit = limit
+        self.member = member
+
+
+def _limit_at(member: str, exc: ReadError) -> ArchiveLimit:
+    """The limit `exc` reports, located at `member` (joined to the inner path when it tripped in a nested archive)."""
+    if isinstance(exc, ArchiveLimit):
+        return ArchiveLimit(exc.limit, f"{member}/{exc.member}")
+    return ArchiveLimit(exc.message, member)
+
+
+def _count(n: int, member: str) -> None:
+    """Refuse the member past MAX_MEMBERS: an archive of countless tiny files is a bomb too."""
+    if n > MAX_MEMBERS:
+        raise ArchiveLimit(f"holds more than MAX_MEMBERS={MAX_MEMBERS} members (a zip bomb, or split the archive)",
+                           member)
 
 
 def unsafe_member(name: str) -> bool:
@@ -42,7 +70,7 @@ def _member_items(member: str, data: bytes, ctx: Context) -> Iterator[Item]:
         items = list(read_blob(member, data, ctx))
     except ReadError as exc:
         if exc.reason == "decompression_limit":
-            raise
+            raise _limit_at(member, exc) from None
         items = [Problem(exc.reason, exc.message)]
     except (FileTimeout, MemoryError):
         raise
@@ -92,12 +120,13 @@ def _zip_items(data: bytes, ctx: Context) -> Iterator[Item]:
         infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
         raise ReadError("corrupt", f"unreadable zip archive: {exc}") from exc
-    if not [i for i in infos if not i.is_dir()]:
+    files = [i for i in infos if not i.is_dir()]
+    if not files:
         raise ReadError("no_records", "zip archive holds no files")
-    for info in infos:
+    if len(files) > MAX_MEMBERS:  # the central directory says so up front: refuse before reading any
+        _count(len(files), files[MAX_MEMBERS].filename)
+    for info in files:
         name = info.filename
-        if info.is_dir():
-            continue
         if unsafe_member(name):
             yield Problem("unsafe_path", f"member {name!r} points outside the archive folder; not read")
             continue
@@ -111,7 +140,7 @@ def _zip_items(data: bytes, ctx: Context) -> Iterator[Item]:
                 member = _bounded_read(f, ctx.cfg.max_file_bytes, ctx)
         except ReadError as exc:
             if exc.reason == "decompression_limit":
-                raise
+                raise _limit_at(name, exc) from None
             yield Problem(exc.reason, f"member {name!r}: {exc.message}")
             continue
         except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, OSError) as exc:
@@ -130,13 +159,14 @@ def _tar_items(data: bytes, ctx: Context) -> Iterator[Item]:
         tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
     except (tarfile.TarError, EOFError) as exc:
         raise ReadError("corrupt", f"unreadable tar archive: {exc}") from exc
-    any_file = False
+    files = 0
     try:
         for info in tf:
             name = info.name
             if info.isdir():
                 continue
-            any_file = True
+            files += 1
+            _count(files, name)
             if unsafe_member(name) or (info.issym() or info.islnk()) and unsafe_member(info.linkname or ".."):
                 yield Problem("unsafe_path", f"member {name!r} points outside the archive folder; not read")
                 continue
@@ -149,12 +179,18 @@ def _tar_items(data: bytes, ctx: Context) -> Iterator[Item]:
                 yield Problem("too_large", f"member {name!r} is {info.size} bytes, over max_file_bytes")
                 continue
             f = tf.extractfile(info)
-            member = _bounded_read(f, ctx.cfg.max_file_bytes, ctx) if f is not None else b""
+            try:
+                member = _bounded_read(f, ctx.cfg.max_file_bytes, ctx) if f is not None else b""
+            except ReadError as exc:
+                if exc.reason == "decompression_limit":
+                    raise _limit_at(name, exc) from None
+                yield Problem(exc.reason, f"member {name!r}: {exc.message}")
+                continue
             yield from _member_items(name, member, ctx)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ReadError("truncated" if isinstance(exc, EOFError | tarfile.ReadError) else "corrupt",
                         f"tar archive broken part-way: {exc}") from exc
-    if not any_file:
+    if not files:
         raise ReadError("no_records", "tar archive holds no files")
 
 
