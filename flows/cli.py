@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from refinery.flows.env import configure_environment
+from refinery.reaper import start_reaper
 
 app = typer.Typer(
     name="refinery",
@@ -72,7 +73,10 @@ def run(
     sources = list(source or [])
     if problem := _check_sources(sources, cfg.ingest):
         _fail(problem)  # before Prefect starts or the run root is created
+    if problem := _check_saved_configs(root):
+        _fail(problem)
     configure_environment(root)
+    start_reaper()  # Prefect's temporary server must not outlive a killed run
     if not sources:
         from refinery.sample_corpus import build_sample_corpus
 
@@ -108,6 +112,37 @@ def run(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     print_summary(summary)
+
+
+def _check_saved_configs(root: Path) -> str | None:
+    """Why the run root's saved configs (stage manifests, checkpoint config.json) can't be read back, or None.
+
+    A run compares each stage's manifest with its inputs and config to skip unchanged
+    stages, and training resumes from its checkpoint's config.json, so a file edited by
+    hand or damaged must be named before the flow starts, not fail inside it as a traceback.
+    """
+    from refinery.flows.graph import active
+    from refinery.storage.layout import RunLayout
+    from refinery.storage.manifest import ManifestError, read_manifest
+
+    layout = RunLayout.at(root)
+    if not layout.root.is_dir():
+        return None
+    for stage in active().names:
+        try:
+            read_manifest(layout.stage_dir(stage))
+        except ManifestError as exc:
+            return str(exc)
+    saved = sorted(layout.root.glob("*/checkpoint*/config.json"))
+    if saved:
+        from refinery.model.checkpoint import CheckpointConfigError, read_config
+
+        for path in saved:
+            try:
+                read_config(path.parent)
+            except CheckpointConfigError as exc:
+                return str(exc)
+    return None
 
 
 def _check_sources(sources: list[str], ingest_cfg: Any) -> str | None:
@@ -250,8 +285,12 @@ def inspect(
     """
     from refinery.flows.graph import active
     from refinery.storage.catalog import ReadOnlyQueryError
+    from refinery.storage.manifest import ManifestError
 
-    catalog = active().catalog(Path(root))
+    try:
+        catalog = active().catalog(Path(root))
+    except ManifestError as exc:  # a hand-edited or damaged manifest.json: name it, no traceback
+        _fail(str(exc))
     if not catalog.views:
         _fail(f"no stage outputs under {Path(root).resolve()}; run `refinery run --root {root}` first")
     query = sql or catalog.overview_sql()
@@ -284,13 +323,15 @@ def generate(
 ) -> None:
     """Generate text with a trained model, streaming tokens to the terminal (KV-cached decoding)."""
     configure_environment(root)
+    from refinery.model.checkpoint import CheckpointConfigError
     from refinery.model.generate import compile_unavailable
     from refinery.model.generate import generate as gen
     from refinery.serving.loading import load_for_serving
+    from refinery.storage.manifest import ManifestError
 
     try:
         net, tok = load_for_serving(model, root=root, int8=int8)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ManifestError, CheckpointConfigError) as exc:  # damaged saved configs name the file
         _fail(str(exc))
     if compile and (reason := compile_unavailable(next(net.parameters()).device)):
         _fail(f"--compile: {reason}")
@@ -471,6 +512,7 @@ def ui(
         if "mlflow" in cmds:
             typer.echo(f"MLFLOW_DISABLE_TELEMETRY=true {' '.join(cmds['mlflow'])}")
         return
+    start_reaper()  # SIGKILL leaves no servers behind either
     with ui_mod.sigterm_as_interrupt():  # SIGTERM (a service manager, `kill`) stops the servers like Ctrl-C
         procs = ui_mod.start(layout, prefect_port, mlflow_port)
         typer.echo(f"{'Both servers are' if len(procs) > 1 else 'The Prefect server is'} starting (a few seconds); "
@@ -526,6 +568,7 @@ def _run_schedule(
 ) -> None:
     """The body of `refinery schedule`, shared with the old `refinery serve --source` form."""
     configure_environment(root)
+    start_reaper()  # the Prefect server started for the schedule must not outlive a killed command
     from refinery.flows import schedule as schedule_mod
     from refinery.flows.config import ConfigError, load_config
     from refinery.flows.ui import sigterm_as_interrupt

@@ -83,8 +83,25 @@ def find_checkpoint(checkpoint_dir: Path, need_state: bool = False) -> Path | No
     return None
 
 
+class CheckpointConfigError(ValueError):
+    """A checkpoint's `config.json` that can't be read back (edited by hand, damaged): says which file and what to do."""
+
+
 def read_config(checkpoint_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint_dir) / CONFIG).read_text())
+    """The checkpoint's saved config; a damaged file raises `CheckpointConfigError` naming it, not a JSON traceback."""
+    path = Path(checkpoint_dir) / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = f"not valid JSON ({exc})"
+    else:
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            return config
+        problem = "not an object with a \"model\" object of GPTConfig fields"
+    raise CheckpointConfigError(
+        f"{path} is {problem}. It was edited or damaged; restore it, or delete {Path(checkpoint_dir)} "
+        "to train from scratch"
+    )
 
 
 def load_model(checkpoint_dir: Path, device: str | torch.device = "cpu") -> GPT:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refinery import __version__
 from refinery.storage.atomic import atomic_write_json
@@ -159,12 +159,30 @@ def write_manifest(stage_dir: str | os.PathLike[str], manifest: Manifest) -> Pat
     return target
 
 
+class ManifestError(ValueError):
+    """A stage's `manifest.json` that can't be read back (edited by hand, damaged): says which file and what to do."""
+
+
 def read_manifest(stage_dir: str | os.PathLike[str]) -> Manifest | None:
-    """The stage's manifest, or None if the stage never completed there."""
+    """The stage's manifest, or None if the stage never completed there.
+
+    Raises `ManifestError` naming the file when it is not a valid manifest, so the
+    command line can print one line instead of pydantic's traceback.
+    """
     path = Path(stage_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        summary = f"{where + ': ' if where else ''}{first['msg']}"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ManifestError(
+            f"{path} is not a valid stage manifest: {summary}{more}. It was edited or damaged; "
+            f"restore it, or delete it and `refinery run` re-runs the {Path(stage_dir).name} stage"
+        ) from None
 
 
 def verify_outputs(stage_dir: str | os.PathLike[str], manifest: Manifest, check_sha256: bool = False) -> bool:
