@@ -35,6 +35,10 @@ class TrackingConfig(BaseModel):
     )
     experiment: str = "refinery"
     registered_model: str = "refinery-lm"
+    system_metrics_s: float | None = Field(
+        10.0, gt=0, description="seconds between system-metric samples (CPU, memory, disk, network, GPU) "
+        "logged to each stage run, plus one at its end; null: off",
+    )
 
 
 class ExecutionConfig(BaseModel):

@@ -18,9 +18,12 @@ on the same store and experiment (`close_abandoned_runs`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from refinery.storage.layout import fluent_tracking
 from refinery.storage.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 DIGEST_LEN = 32
 # MLflow 3's experiment type; the UI opens a `custom_model_development` experiment on its runs (not GenAI traces).
@@ -173,6 +178,32 @@ class Lineage:
             if Path(art).is_file():
                 self.client.log_artifact(run_id, str(art))
         self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def system_metrics(self, run_id: str, interval_s: float | None) -> Iterator[None]:
+        """Log MLflow's system metrics (`system/...`) to a run while the block runs; off when `interval_s` is None.
+
+        MLflow's monitor logs one aggregate per interval, so a stage shorter than
+        the interval would log nothing; one last sample is taken when the block
+        ends, so every stage run's "System metrics" tab has at least one point.
+        """
+        if interval_s is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            try:
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+            except Exception as exc:  # metrics about the machine must never fail a stage
+                log.warning("could not log system metrics for run %s: %s", run_id, exc)
 
     def fail_stage(self, run_id: str, error: str) -> None:
         self.client.set_tag(run_id, "refinery.error", error[:5000])

@@ -148,7 +148,8 @@ def run_stage(env: RunEnv, name: str, inputs: dict[str, StageOutput]) -> StageOu
         on_metrics=lambda step, metrics: env.lineage.log_metrics(run_id, metrics, step),
     )
     try:
-        result = stage.run(call)
+        with env.lineage.system_metrics(run_id, env.cfg.tracking.system_metrics_s):
+            result = stage.run(call)
         manifest = build_manifest(
             name, cfg, digest, result, {"total": time.perf_counter() - started}, code_version=stage.code_version
         )

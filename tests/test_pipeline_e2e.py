@@ -159,6 +159,8 @@ def test_digest_chain_and_mlflow_lineage(first_run) -> None:
         }
         assert contexts == {"input": m.input_digest[:32], "output": m.output_digest[:32]}
         assert "manifest.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+        system = {k for k in run.data.metrics if k.startswith("system/")}  # MLflow's own system-metrics logging
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, m.stage
     train_run = client.get_run(children["train"].info.run_id)
     assert len(client.get_metric_history(train_run.info.run_id, "loss")) >= 10
 
