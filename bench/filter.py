@@ -7,7 +7,12 @@ decision of both systems is compared per document; disagreements are broken down
 gives, so every systematic one can be explained (see docs/filter.md). Throughput runs every family on every
 document in one process.
 
+With `--safety` it measures only Refinery's throughput with the safety family off and on (block lists
+alone, then lists and the toxicity classifier), with the four quality families on and with none, the
+secrets family off, on the same documents. The comparison with datatrove runs with the safety family off.
+
     python -m bench.filter [--docs 3000] [--record]
+    python -m bench.filter --safety [--docs 3000] [--record]
 """
 
 from __future__ import annotations
@@ -50,12 +55,18 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return docs[:n]
 
 
-def refinery_decisions(docs: list[str], family: str | None) -> tuple[list[str | None], float]:
+def refinery_decisions(
+    docs: list[str], family: str | None, safety: dict | None = None, secrets: bool = True
+) -> tuple[list[str | None], float]:
+    """Refinery's decisions with one family (None: all four; "none": none) on; `safety`: that family's settings."""
     from refinery.tasks.filter import FilterConfig, select
     from refinery.tasks.quality import compute_signals
 
     enabled = FAMILIES if family is None else (family,)
-    cfg = FilterConfig(**{f: {"enabled": f in enabled} for f in ("language", "code", *FAMILIES)})
+    sections = {f: {"enabled": f in enabled} for f in ("language", "code", *FAMILIES)}
+    sections["safety"] = {"enabled": False} if safety is None else safety
+    sections["secrets"] = {"enabled": secrets}
+    cfg = FilterConfig(**sections)
     t0 = time.perf_counter()
     reasons: list[str | None] = []
     for i in range(0, len(docs), 1000):
@@ -100,12 +111,48 @@ def datatrove_decisions(docs: list[str], family: str | None) -> tuple[list[str |
     return out, time.perf_counter() - t0
 
 
+def safety_throughput(docs: list[str], repeats: int = 5) -> str:
+    """Documents/s with the safety family off, lists only, lists and classifier: alone, and with the quality rules."""
+    modes = {
+        "safety off": None,
+        "safety on, block lists only": {"toxicity": False},
+        "safety on, block lists and toxicity classifier (default)": {},
+    }
+    qualities = ("the four quality families", "no quality family")
+    runs = [(quality, name) for quality in qualities for name in modes]
+    runs.remove(("no quality family", "safety off"))  # nothing at all to time
+    refinery_decisions(docs[:50], None, {})  # load the lists and the classifier once, outside the timings
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):  # interleaved, so a busy moment of the machine does not favour one mode
+        for quality, name in runs:
+            family = None if quality == "the four quality families" else "none"
+            seconds = refinery_decisions(docs, family, modes[name], secrets=False)[1]
+            best[quality, name] = min(best[quality, name], seconds)
+    base = best["the four quality families", "safety off"]
+    lines = [
+        f"### filter: safety family off and on, {len(docs)} documents, secrets family off, one process, "
+        f"best of {repeats} interleaved runs",
+        "",
+        "| other families on | safety | docs/s | time vs the quality families alone |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {q} | {name} | {len(docs) / t:,.0f} | {t / base:.2f}x |" for (q, name), t in best.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=3000)
+    ap.add_argument("--safety", action="store_true", help="only the safety family's cost, off and on")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = ap.parse_args()
     docs = make_docs(args.docs)
+    if args.safety:
+        table = safety_throughput(docs)
+        print(table)
+        if args.record:
+            record(table, "numpy", "pyarrow", "alt-profanity-check", "scikit-learn")
+        return
     lines = [
         f"### filter: {len(docs)} documents, decisions per rule family (default thresholds in both)",
         "",

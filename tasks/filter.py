@@ -285,6 +285,7 @@ def run_filter(
 
     counts = Counts(**{"in": n_in}, kept=kept_rows, dropped=dict(sorted(dropped.items())))
     counts.check(STAGE)
+    by_family = dropped_by_family(dict(dropped), cfg)
     elapsed = time.perf_counter() - t0
     metrics: dict[str, float] = {
         "docs_per_s": n_in / elapsed if elapsed > 0 else 0.0,
@@ -292,9 +293,21 @@ def run_filter(
         "seconds_select": time.perf_counter() - t_signals,
         "signals_reused": float(reused),
         **{f"dropped_{k}": float(v) for k, v in sorted(dropped.items())},
+        **{f"dropped_family_{k}": float(v) for k, v in by_family.items()},
         **{f"pii_{k}": float(pii_counts.get(k, 0)) for k in PII_KINDS},
     }
-    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra={"chart": CHART})
+    extra = {"chart": CHART, "dropped_by_family": by_family}
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra=extra)
+
+
+def dropped_by_family(dropped: Mapping[str, int], cfg: BaseFilterConfig) -> dict[str, int]:
+    """Drops per enabled rule family (0 for a family that dropped nothing), so the report shows what each did."""
+    family_of = {rule.code: name for name, family in cfg.families().items() for rule in family.rules}
+    out = dict.fromkeys(cfg.families(), 0)
+    for code, n in dropped.items():
+        name = family_of.get(code, "other")
+        out[name] = out.get(name, 0) + n
+    return out
 
 
 def write_chart(path: Path, dropped: dict[str, int]) -> None:

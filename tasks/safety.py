@@ -1,30 +1,40 @@
-"""Safety filters: a word block list and URL/domain block lists, as filter signals.
+"""Safety filters: word and URL/domain block lists and an offline toxicity classifier, as filter signals.
 
-Both lists are plain files the user can replace (`filter.safety.words_file`,
+The lists are plain files the user can replace (`filter.safety.words_file`,
 `filter.safety.domains_file`) or extend (`extra_words`, `extra_domains`). The
-defaults in `tasks/data/` are small placeholder lists written for this project:
-they show the mechanism, they are not a moderation policy.
+bundled defaults in `tasks/data/` are public lists (sources, commits and
+licences in `tasks/data/README.md`): the LDNOOBW word lists, one file per
+language (`word_lists` picks them; English by default), and a subset of the
+UT1 domain blacklists.
 
-- Words: whole-word, case-insensitive matches. Documents are split into
-  lower-cased words exactly as decontamination splits them (runs of letters,
-  digits, marks and underscores, with Arrow) and single-word terms are looked
-  up in one vectorised `is_in`; a term with spaces or punctuation ("some
-  phrase") is matched by one regular expression with word boundaries, spaces
-  matching any run of whitespace. The signals are the number of matches and
-  their fraction of the document's words, so either a count or a fraction
-  threshold can drop a document (`safety_blocklist_word`).
+- Words: whole-word, case-insensitive matches ("Scunthorpe", "assessment" and
+  "cocktail" do not contain a match). Documents are split into lower-cased
+  words exactly as decontamination splits them (runs of letters, digits, marks
+  and underscores, with Arrow) and single-word terms are looked up in one
+  vectorised `is_in`. A phrase ("date rape", "s&m") is matched by one compiled
+  regular expression with word boundaries, spaces matching any run of
+  whitespace, searched only in the documents a vectorised pass finds its
+  words in sequence in (or, for phrases with punctuation, Arrow's regex
+  engine finds it in). The signals are the number of matches and their
+  fraction of the document's words (`safety_blocklist_word`).
 - Domains: a listed domain blocks itself and every subdomain. A document whose
   `meta` has a `url` (WARC records) on a blocked domain is dropped
   (`safety_blocked_domain`); with `check_text_urls`, URLs written in the text
   are checked too (`safety_blocked_url_in_text`).
+- Toxicity: `alt-profanity-check`'s linear model (word counts and a calibrated
+  linear SVM, shipped inside the package, no download) scores each document
+  in one vectorised call per batch; the score is the `toxicity` column and
+  `max_toxicity` decides (`safety_toxicity`), so changing it re-runs only the
+  selection.
 
 The rule family (settings, rules, which documents it judges) is `refinery.tasks.quality.safety`;
-this module holds the lists and the matching.
+this module holds the lists, the matching and the classifier call.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import re
@@ -44,10 +54,23 @@ if TYPE_CHECKING:
     from refinery.tasks.quality.safety import SafetyRules
 
 DATA_DIR = Path(__file__).with_name("data")
-DEFAULT_WORDS = DATA_DIR / "blocklist_words.txt"
-DEFAULT_DOMAINS = DATA_DIR / "blocklist_domains.txt"
+WORD_LISTS = DATA_DIR / "badwords"
+DEFAULT_WORDS = WORD_LISTS / "en.txt"
+DEFAULT_DOMAINS = DATA_DIR / "ut1_domains.txt.gz"
 _WORD = re.compile(r"\w+")
+_SPACE = pa.scalar(" ", pa.large_string())
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
+
+
+def bundled_word_list(code: str) -> Path:
+    """The bundled LDNOOBW list of a language code (`en`, `de`, ...), naming the available codes if absent."""
+    path = WORD_LISTS / f"{code}.txt"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in WORD_LISTS.glob("*.txt")))
+        raise FileNotFoundError(
+            f"no bundled word list {code!r} in filter.safety.word_lists; bundled: {known}"
+        )
+    return path
 
 
 def load_lists(
@@ -55,9 +78,14 @@ def load_lists(
     domains_file: str | Path | None = None,
     extra_words: Sequence[str] = (),
     extra_domains: Sequence[str] = (),
+    word_lists: Sequence[str] = ("en",),
 ) -> BlockLists:
-    """The block lists (None: the bundled ones) plus extra terms, loaded once per process until a file changes."""
-    files = (_stat(words_file or DEFAULT_WORDS), _stat(domains_file or DEFAULT_DOMAINS))
+    """The block lists plus extra terms, loaded once per process until a file changes.
+
+    `words_file` replaces the bundled word lists named by `word_lists`; `domains_file` the bundled domains.
+    """
+    words = [words_file] if words_file else [bundled_word_list(c) for c in word_lists]
+    files = (tuple(_stat(w) for w in words), _stat(domains_file or DEFAULT_DOMAINS))
     return BlockLists.load(*files, tuple(extra_words), tuple(extra_domains))
 
 
@@ -71,11 +99,12 @@ def _stat(path: str | Path) -> tuple[str, int, int]:
 
 
 def read_list(path: str | Path) -> list[str]:
-    """Non-empty, non-comment lines of a block-list file, stripped."""
+    """Non-empty, non-comment lines of a block-list file (plain UTF-8 or gzip, by its `.gz` name), stripped."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"block list {p} does not exist; fix filter.safety.words_file/domains_file")
-    lines = (line.strip() for line in p.read_text(encoding="utf-8").splitlines())
+    raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    lines = (line.strip() for line in raw.decode("utf-8").splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -102,53 +131,102 @@ class BlockLists:
     """The loaded lists, ready to match."""
 
     words: frozenset[str]
-    phrases: re.Pattern[str] | None
-    phrase_heads: frozenset[str]  # first words of the phrases: only documents with one are searched
+    ngrams: dict[
+        int, frozenset[str]
+    ]  # phrases of plain words by length ("date rape" under 2), to pick documents
+    phrases: re.Pattern[str] | None  # every phrase, with word boundaries and any whitespace between its words
+    phrase_filter: (
+        str  # the phrases with punctuation ("s&m", "g-spot"), for Arrow's regex engine to pick documents
+    )
     domains: frozenset[str]
     digest: str
 
     @staticmethod
     @functools.lru_cache(maxsize=8)
     def load(
-        words_file: tuple[str, int, int],
+        words_files: tuple[tuple[str, int, int], ...],
         domains_file: tuple[str, int, int],
         extra_words: tuple[str, ...],
         extra_domains: tuple[str, ...],
     ) -> BlockLists:
-        terms = sorted({t.strip().lower() for t in [*read_list(words_file[0]), *extra_words] if t.strip()})
+        listed = [t for f in words_files for t in read_list(f[0])]
+        terms = sorted({" ".join(t.lower().split()) for t in [*listed, *extra_words] if t.strip()})
         domains = sorted({normalize_domain(d) for d in [*read_list(domains_file[0]), *extra_domains]} - {""})
+        digest = hashlib.sha256(json.dumps([terms, domains]).encode()).hexdigest()
         single = frozenset(t for t in terms if _WORD.fullmatch(t))
-        multi = sorted((t for t in terms if t not in single), key=len, reverse=True)
+        multi = [t for t in terms if t not in single]
+        # Every phrase is one alternative of a regular expression with word boundaries, searched only in the
+        # documents a cheap vectorised pass picks: those holding the phrase's words in sequence (phrases
+        # whose words split as documents are split) or matching Arrow's regex engine (the others).
+        words, starts = split_words(multi)
+        split = [
+            " ".join(words.slice(starts[i], starts[i + 1] - starts[i]).to_pylist()) for i in range(len(multi))
+        ]
+        by_len: dict[int, set[str]] = {}
+        odd = []
+        for term, joined in zip(multi, split, strict=True):
+            if joined == term:
+                by_len.setdefault(term.count(" ") + 1, set()).add(term)
+            else:
+                odd.append(term)
         phrases = None
         if multi:
-            body = "|".join(r"\s+".join(re.escape(part) for part in t.split()) for t in multi)
-            phrases = re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)
-        digest = hashlib.sha256(json.dumps([terms, domains]).encode()).hexdigest()
-        heads = frozenset(h[0] for h in (split_words([t])[0].to_pylist() for t in multi) if h)
-        return BlockLists(single, phrases, heads, frozenset(domains), digest)
+            alts = [
+                r"\s+".join(re.escape(p) for p in t.split()) for t in sorted(multi, key=len, reverse=True)
+            ]
+            phrases = re.compile(rf"(?<!\w)(?:{'|'.join(alts)})(?!\w)", re.IGNORECASE)
+        odd_filter = "|".join(r"\s+".join(re.escape(p) for p in t.split()) for t in odd)
+        ngrams = {k: frozenset(v) for k, v in sorted(by_len.items())}
+        return BlockLists(single, ngrams, phrases, odd_filter, frozenset(domains), digest)
 
     def word_hits(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Per document: block-list matches, words, and the first matched term (vectorised with Arrow)."""
+        """Per document: block-list matches, words, and the term shown in a drop's detail.
+
+        Single words are one `is_in` over all words of the batch; phrases are searched for only in the
+        documents holding their words in sequence (one `is_in` over the batch's k-word sequences that
+        start with a phrase's first word), so the regular expression sees few documents. The term shown is
+        the first phrase found, else the earliest listed word.
+        """
         words, starts = split_words(texts)
         n = len(texts)
         counts = np.diff(starts)
         doc = np.repeat(np.arange(n), counts)
-        listed = pc.is_in(words, value_set=pa.array(sorted(self.words), pa.large_string()))
-        hit = listed.to_numpy(zero_copy_only=False) if len(words) else np.zeros(0, bool)
-        hits = np.bincount(doc[hit], minlength=n).astype(np.int64)
+        hits = np.zeros(n, np.int64)
         first = [""] * n
-        if hit.any():
-            hit_at = np.flatnonzero(hit)
-            docs, j = np.unique(doc[hit_at], return_index=True)
+        if self.words and len(words):
+            listed = pc.is_in(words, value_set=pa.array(sorted(self.words), pa.large_string()))
+            hit_at = np.flatnonzero(listed.to_numpy(zero_copy_only=False))
+            hits += np.bincount(doc[hit_at], minlength=n)
+            docs, j = np.unique(doc[hit_at], return_index=True)  # each document's earliest match
             for d, w in zip(docs.tolist(), words.take(pa.array(hit_at[j])).to_pylist(), strict=True):
                 first[d] = w
-        if self.phrases is not None and len(words):
-            head = pc.is_in(words, value_set=pa.array(sorted(self.phrase_heads), pa.large_string()))
-            for i in np.unique(doc[head.to_numpy(zero_copy_only=False)]).tolist():
-                found = self.phrases.findall(texts[i] or "")
-                if found:
-                    hits[i] += len(found)
-                    first[i] = first[i] or " ".join(found[0].lower().split())
+        if self.phrases is None or not n:
+            return hits, counts, first
+        candidates = np.zeros(n, bool)
+        for k, terms in self.ngrams.items():
+            m = len(words) - k + 1
+            if m <= 0:
+                continue
+            heads = pa.array(sorted({t.split(" ", 1)[0] for t in terms}), pa.large_string())
+            starts_ok = pc.is_in(words.slice(0, m), value_set=heads).to_numpy(zero_copy_only=False)
+            at = np.flatnonzero(starts_ok & (doc[:m] == doc[k - 1 :]))  # k words inside one document
+            if not len(at):
+                continue
+            grams = words.take(pa.array(at))
+            for j in range(1, k):
+                grams = pc.binary_join_element_wise(grams, words.take(pa.array(at + j)), _SPACE)
+            listed = pc.is_in(grams, value_set=pa.array(sorted(terms), pa.large_string()))
+            candidates[doc[at[listed.to_numpy(zero_copy_only=False)]]] = True
+        if self.phrase_filter:
+            arr = pc.fill_null(pa.array(texts, pa.large_string()), "")
+            candidates |= pc.match_substring_regex(arr, self.phrase_filter, ignore_case=True).to_numpy(
+                zero_copy_only=False
+            )
+        for i in np.flatnonzero(candidates).tolist():
+            found = self.phrases.findall(texts[i] or "")
+            if found:
+                hits[i] += len(found)
+                first[i] = " ".join(found[0].lower().split())
         return hits, counts, first
 
     def blocked_host(self, host: str) -> bool:
@@ -169,10 +247,25 @@ def _meta_url(meta: str | None) -> str:
     return value if isinstance(value, str) else ""
 
 
+def toxicity_scores(texts: Sequence[str | None]) -> np.ndarray:
+    """`alt-profanity-check`'s probability that each text is offensive, in one vectorised call; 0 for empty text.
+
+    Imported on first use: loading scikit-learn and the model takes seconds, and runs with the classifier
+    off never pay it.
+    """
+    from profanity_check import predict_prob
+
+    scores = np.zeros(len(texts), np.float64)
+    present = [i for i, t in enumerate(texts) if t and not t.isspace()]
+    if present:
+        scores[present] = predict_prob([texts[i] for i in present])
+    return scores
+
+
 def safety_signals(
     texts: Sequence[str | None], metas: Sequence[str | None] | None, rules: SafetyRules
 ) -> dict[str, pa.Array]:
-    """Signal columns for a batch: block-list word matches, blocked meta URL, blocked URLs in the text."""
+    """Signal columns for a batch: block-list word matches, blocked meta URL, blocked URLs in the text, toxicity."""
     lists = rules.lists()
     n = len(texts)
     host_col: list[str] = [""] * n
@@ -195,4 +288,6 @@ def safety_signals(
         "safety_url_host": pa.array(host_col, pa.string()),
         "safety_blocked_domain": pa.array(blocked, pa.bool_()),
         "safety_blocked_text_urls": pa.array(text_urls, pa.int64()),
+        # NaN when the classifier is off: no threshold drops it, and every batch has the same columns
+        "toxicity": pa.array(toxicity_scores(texts) if rules.toxicity else np.full(n, np.nan), pa.float64()),
     }
