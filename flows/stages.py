@@ -94,14 +94,14 @@ PIPELINE = Graph((
     Stage("ingest", IngestConfig, (), ingest, Documents, reads_sources=source_digest,
           summary="raw files and dataset records to one documents table; unreadable input quarantined",
           views=(PARTS, View("quarantine", "quarantine.parquet"))),
-    Stage("dedup", DedupConfig, ("ingest",), dedup, Documents,
+    Stage("dedup", DedupConfig, ("ingest",), dedup, Documents, version=2,  # 2: decisions from the current input alone
           summary="normalisation, exact and MinHash near-duplicates", views=(PARTS,)),
     Stage("filter", filter_config, ("dedup",), filter_documents, Documents,
           summary="quality rules, language ID, PII, safety, decontamination",
           artifacts=("drop_reasons.png",), views=(PARTS, View("signals", "signals-*.parquet"))),
-    Stage("tokenizer", TokenizerConfig, ("filter",), train_tokenizer, TokenizerFile,
+    Stage("tokenizer", TokenizerConfig, ("filter",), train_tokenizer, TokenizerFile, version=2,  # 2: split by text
           summary="byte-level BPE trained on the curated documents"),
-    Stage("shards", ShardsConfig, ("filter", "tokenizer"), encode, Shards,
+    Stage("shards", ShardsConfig, ("filter", "tokenizer"), encode, Shards, version=2,  # 2: split by text
           summary="curated documents encoded into memory-mappable Arrow shards",
           views=(View("shard_stats", "stats.parquet"),)),
     Stage("train", TrainConfig, ("shards",), train, Checkpoint, retry_io=False,

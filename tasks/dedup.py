@@ -9,16 +9,16 @@ directory.
 Globally (in DuckDB, over those files, so it spills to disk past memory):
 exact groups by content hash; band collisions -> candidate pairs -> optional
 exact Jaccard check on the shingle sets -> connected components -> one kept
-document per cluster, the earliest one (documents kept by earlier runs first,
-then input order). Kept documents get a `minhash_cluster` column: the cluster
-id shared by a kept document and the duplicates removed in its favour, null
-when it had none.
+document per cluster, the earliest in input order (the survivor rule). Kept
+documents get a `minhash_cluster` column: the cluster id shared by a kept
+document and the duplicates removed in its favour, null when it had none.
 
-Incremental: `signatures.parquet` holds the id, content hash and signature of
-every document kept so far. A later run in the same stage directory reads it
-first: its documents act as already-kept references (never dropped), and an
-input document whose id and content hash are already there reuses its stored
-signature instead of recomputing it.
+Incremental runs equal fresh runs: every decision is taken over the current
+input alone, so a document edited, deleted or renamed since the last run, or a
+changed threshold, gives exactly what a new run root would. What carries over
+is only a cache: `signatures.parquet` holds the id, content hash and signature
+of every document of the last run's input, and a document whose id and content
+hash are there reuses its signature instead of recomputing it (the costly part).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from refinery.storage.documents import (
     dropped_rows,
     iter_batches,
 )
-from refinery.storage.manifest import Counts, StageResult, describe_file
+from refinery.storage.manifest import Counts, StageResult, describe_file, file_sha256
 from refinery.tasks.minhash import MinHasher, band_hashes, exact_jaccard, optimal_bands, shingle_hashes
 from refinery.tasks.normalize import NormalizeConfig, join_words, normalize_words, text_hashes
 from refinery.tasks.parallel import map_in_order
@@ -138,22 +138,33 @@ def cluster_id(doc_id: str) -> int:
 
 
 class _Index:
-    """The previous runs' kept documents: `signatures.parquet` in the stage directory."""
+    """The signature cache of the previous run: `signatures.parquet` in the stage directory.
+
+    It holds the id, content hash and signature of every document of the last
+    run's input. It is only a cache: a document whose id and content hash are
+    in it reuses its signature, and nothing else about the last run carries
+    over. A cache made with other signature settings, or whose bytes no longer
+    match the checksum recorded beside it, is ignored (and rebuilt).
+    """
 
     def __init__(self, stage_dir: Path, cfg: DedupConfig) -> None:
         self.path = stage_dir / SIGNATURES
         self.by_id: dict[str, tuple[int, bytes]] = {}
         self.size = 0
+        self.ignored = ""
         if not self.path.is_file():
             return
         key_path = stage_dir / SIGNATURES_KEY
-        stored = json.loads(key_path.read_text()) if key_path.is_file() else None
-        if stored != cfg.signature_key():
-            raise ValueError(
-                f"{self.path} was computed with other signature settings ({stored}) than the current "
-                f"dedup config ({cfg.signature_key()}); restore those settings (normalize, shingle_size, "
-                "num_perm, seed) or delete the file to start a fresh index"
-            )
+        try:
+            stored = json.loads(key_path.read_text()) if key_path.is_file() else None
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict) or stored.get("settings") != cfg.signature_key():
+            self.ignored = "other signature settings"
+            return
+        if stored.get("sha256") != file_sha256(self.path):
+            self.ignored = "checksum mismatch"
+            return
         table = pq.read_table(self.path, columns=["id", "text_hash"])
         ids = table.column("id").to_pylist()
         hashes = table.column("text_hash").to_pylist()
@@ -185,10 +196,10 @@ def run_dedup(
         con = duckdb.connect(str(work / "dedup.duckdb"))
         con.execute(f"SET memory_limit = '{cfg.duckdb_memory_limit}'")
         con.execute(f"SET temp_directory = '{work / 'spill'}'")
-        decisions, global_stats = _global_step(con, work, index, cfg, input_files, progress)
+        decisions, global_stats = _global_step(con, work, cfg, input_files, progress)
         t_global = time.perf_counter()
         outputs, kept, dropped = _write_outputs(input_files, stage_dir, decisions, cfg, progress)
-        outputs += _write_index(con, work, stage_dir, index, cfg)
+        outputs += _write_index(con, work, stage_dir, cfg)
         con.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -206,7 +217,10 @@ def run_dedup(
         "exact_duplicates": float(dropped.get("exact_duplicate", 0)),
         "near_duplicates": float(dropped.get("near_duplicate", 0)),
     }
-    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra={"bands": bands, "rows": rows})
+    extra: dict[str, Any] = {"bands": bands, "rows": rows}
+    if index.ignored:
+        extra["signature_cache_ignored"] = index.ignored
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra=extra)
 
 
 def _signature_pass(
@@ -220,51 +234,40 @@ def _signature_pass(
     progress: bool,
     executor: Executor | None,
 ) -> dict[str, int]:
-    """Hash and sign every input document; write the work tables the global step reads."""
-    node_schema = pa.schema(
-        [("row", pa.int64()), ("node", pa.int64()), ("id", pa.string()), ("text_hash", pa.binary()),
-         ("has_shingles", pa.bool_()), ("prior", pa.bool_())]
-    )
+    """Hash and sign every input document (reusing cached signatures); write the work tables.
+
+    A document is identified by its input row from here on, so every decision
+    depends on the current input alone.
+    """
+    node_schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("text_hash", pa.binary())])
     sig_type = pa.list_(pa.uint32(), cfg.num_perm)
-    sig_schema = pa.schema([("node", pa.int64()), ("signature", sig_type)])
-    band_schema = pa.schema([("node", pa.int64()), ("band", pa.int16()), ("key", pa.int64())])
+    sig_schema = pa.schema([("row", pa.int64()), ("signature", sig_type)])
+    band_schema = pa.schema([("row", pa.int64()), ("band", pa.int16()), ("key", pa.int64())])
     nodes_w = ParquetWriter(work / "nodes.parquet", node_schema)
     sigs_w = ParquetWriter(work / "sigs.parquet", sig_schema)
     bands_w = ParquetWriter(work / "bands.parquet", band_schema)
-    computed = reused = 0
+    computed = 0
 
-    def write_bands(node: np.ndarray, sigs: np.ndarray) -> None:
-        if not cfg.near or len(node) == 0:
+    def write_sigs(row: np.ndarray, sigs: np.ndarray, has: np.ndarray) -> None:
+        if not cfg.near or len(row) == 0:
+            return
+        flat = pa.array(sigs.reshape(-1), pa.uint32())
+        sigs_w.write(pa.table({"row": row, "signature": pa.FixedSizeListArray.from_arrays(flat, cfg.num_perm)},
+                              schema=sig_schema))
+        row, sigs = row[has], sigs[has]  # a document without shingles has no bands: it can only be an exact duplicate
+        if len(row) == 0:
             return
         keys = band_hashes(sigs, bands, rows)
         bands_w.write(
             pa.table(
                 {
-                    "node": np.repeat(node, bands),
-                    "band": np.tile(np.arange(bands, dtype=np.int16), len(node)),
+                    "row": np.repeat(row, bands),
+                    "band": np.tile(np.arange(bands, dtype=np.int16), len(row)),
                     "key": keys.reshape(-1),
                 },
                 schema=band_schema,
             )
         )
-
-    # Documents kept by earlier runs take part as references, from their stored signatures.
-    if index.size:
-        start = 0
-        for batch in iter_batches([index.path], columns=["id", "text_hash", "signature"]):
-            n = batch.num_rows
-            node = np.arange(start, start + n, dtype=np.int64)
-            sigs = batch.column("signature").flatten().to_numpy().reshape(n, cfg.num_perm)
-            has = ~(sigs == np.uint32(0xFFFFFFFF)).all(axis=1)
-            nodes_w.write(
-                pa.table(
-                    {"row": pa.nulls(n, pa.int64()), "node": node, "id": batch.column("id"),
-                     "text_hash": batch.column("text_hash"), "has_shingles": has, "prior": np.ones(n, bool)},
-                    schema=node_schema,
-                )
-            )
-            write_bands(node[has], sigs[has])
-            start += n
 
     def batches() -> Iterator[tuple[Any, ...]]:
         for batch in iter_batches(input_files, columns=["id", "text"], batch_size=cfg.batch_size):
@@ -272,43 +275,36 @@ def _signature_pass(
             known = [index.by_id.get(i, (None, None))[1] for i in ids]
             yield (batch.column("text"), known, cfg)
 
+    row_of_cached = np.full(index.size, -1, dtype=np.int64)  # cache entry -> the input row reusing it
     row0 = 0
     bar = tqdm(total=n_in, desc="dedup: signatures", unit="doc", disable=not progress)
     id_batches = iter_batches(input_files, columns=["id"], batch_size=cfg.batch_size)
     for (hashes, comp_rows, sigs, has), id_batch in zip(map_in_order(signature_batch, batches(), executor), id_batches, strict=True):
         ids = id_batch.column("id").to_pylist()
         n = len(ids)
-        node = np.empty(n, np.int64)
-        prior = np.zeros(n, bool)
-        has_all = np.zeros(n, bool)
-        new_node = index.size + row0 + np.arange(n, dtype=np.int64)
-        for i, doc_id in enumerate(ids):
-            entry = index.by_id.get(doc_id)
-            if entry is not None and entry[1] == hashes[i]:
-                node[i], prior[i] = entry[0], True
-            else:
-                node[i] = new_node[i]
-        has_all[comp_rows] = has
-        nodes_w.write(
-            pa.table(
-                {"row": row0 + np.arange(n, dtype=np.int64), "node": node, "id": ids, "text_hash": hashes,
-                 "has_shingles": has_all, "prior": prior},
-                schema=node_schema,
-            )
-        )
-        if cfg.near and len(comp_rows):
-            sig_nodes = node[comp_rows]
-            flat = pa.array(sigs.reshape(-1), pa.uint32())
-            sigs_w.write(
-                pa.table({"node": sig_nodes, "signature": pa.FixedSizeListArray.from_arrays(flat, cfg.num_perm)},
-                         schema=sig_schema)
-            )
-            write_bands(sig_nodes[has], sigs[has])
+        row = row0 + np.arange(n, dtype=np.int64)
+        computed_mask = np.zeros(n, bool)
+        computed_mask[comp_rows] = True
+        for i in np.flatnonzero(~computed_mask):
+            row_of_cached[index.by_id[ids[i]][0]] = row[i]
+        nodes_w.write(pa.table({"row": row, "id": ids, "text_hash": hashes}, schema=node_schema))
+        write_sigs(row[comp_rows], sigs, has)
         computed += len(comp_rows)
-        reused += int(prior.sum())
         row0 += n
         bar.update(n)
     bar.close()
+    reused = int((row_of_cached >= 0).sum())
+    if reused and cfg.near:
+        start = 0
+        for batch in iter_batches([index.path], columns=["signature"]):
+            n = batch.num_rows
+            target = row_of_cached[start : start + n]
+            take = np.flatnonzero(target >= 0)
+            if len(take):
+                sigs = batch.column("signature").flatten().to_numpy().reshape(n, cfg.num_perm)[take]
+                has = ~(sigs == np.uint32(0xFFFFFFFF)).all(axis=1)
+                write_sigs(target[take], sigs, has)
+            start += n
     for w in (nodes_w, sigs_w, bands_w):
         w.close()
     return {"signatures_computed": computed if cfg.near else 0, "signatures_reused": reused, "index_size": index.size}
@@ -317,34 +313,31 @@ def _signature_pass(
 def _global_step(
     con: duckdb.DuckDBPyConnection,
     work: Path,
-    index: _Index,
     cfg: DedupConfig,
     input_files: list[Path],
     progress: bool,
 ) -> tuple[dict[int, tuple[str | None, str, int | None]], dict[str, int]]:
     """Exact groups, LSH candidates, verification and components, in DuckDB.
 
+    Every cluster keeps its earliest document in input order (the smallest
+    row), so the decisions are a function of the current input alone.
     Returns, for every input row that is dropped or belongs to a cluster,
     `(reason or None, detail, cluster id)`.
     """
-    nodes, bands_f, sigs_f = (str(work / f) for f in ("nodes.parquet", "bands.parquet", "sigs.parquet"))
-    con.execute(
-        f"CREATE TABLE nodes AS SELECT node, any_value(id) AS id, any_value(text_hash) AS text_hash, "
-        f"bool_or(has_shingles) AS has_shingles, bool_or(prior) AS prior FROM '{nodes}' GROUP BY node"
-    )
-    # Exact duplicates: the smallest node of each content hash represents it (earlier runs, then input order).
+    nodes, bands_f = (str(work / f) for f in ("nodes.parquet", "bands.parquet"))
+    con.execute(f"CREATE TABLE nodes AS SELECT row AS node, id, text_hash FROM '{nodes}'")
+    # Exact duplicates: the earliest row of each content hash represents it.
     if cfg.exact:
-        con.execute("CREATE TABLE rep AS SELECT node, min(node) OVER (PARTITION BY text_hash) AS rep, prior FROM nodes")
+        con.execute("CREATE TABLE rep AS SELECT node, min(node) OVER (PARTITION BY text_hash) AS rep FROM nodes")
     else:
-        con.execute("CREATE TABLE rep AS SELECT node, node AS rep, prior FROM nodes")
-    con.execute("UPDATE rep SET rep = node WHERE prior")  # documents kept before stay kept
+        con.execute("CREATE TABLE rep AS SELECT node, node AS rep FROM nodes")
     stats: dict[str, int] = {"candidate_pairs": 0, "verified_pairs": 0}
     con.execute("CREATE TABLE edges (a BIGINT, b BIGINT, jaccard DOUBLE)")
     if cfg.near and pq.ParquetFile(bands_f).metadata.num_rows:
         m = cfg.max_bucket_pairs
         con.execute(
-            f"CREATE TABLE b AS SELECT band, key, node FROM '{bands_f}' "
-            "WHERE node IN (SELECT node FROM rep WHERE rep = node)"
+            f"CREATE TABLE b AS SELECT band, key, row AS node FROM '{bands_f}' "
+            "WHERE row IN (SELECT node FROM rep WHERE rep = node)"
         )
         con.execute(
             "CREATE TABLE buckets AS SELECT band, key, count(*) AS n, min(node) AS root FROM b "
@@ -352,19 +345,17 @@ def _global_step(
         )
         con.execute(
             f"""CREATE TABLE pairs AS
-            SELECT p.a, p.b FROM (SELECT DISTINCT a, b FROM (
+            SELECT DISTINCT a, b FROM (
                 SELECT x.node AS a, y.node AS b FROM b x JOIN b y USING (band, key)
                 JOIN buckets k USING (band, key) WHERE k.n <= {m} AND x.node < y.node
                 UNION ALL
                 SELECT k.root AS a, x.node AS b FROM b x JOIN buckets k USING (band, key)
                 WHERE k.n > {m} AND x.node <> k.root
-            )) p
-            JOIN nodes na ON na.node = p.a JOIN nodes nb ON nb.node = p.b
-            WHERE NOT (na.prior AND nb.prior)"""
+            )"""
         )
         stats["candidate_pairs"] = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
         if cfg.verify_jaccard and stats["candidate_pairs"]:
-            _verify(con, work, index, cfg, input_files, progress)
+            _verify(con, cfg, input_files, progress)
         else:
             con.execute("INSERT INTO edges SELECT a, b, NULL FROM pairs")
         stats["verified_pairs"] = con.execute("SELECT count(*) FROM edges").fetchone()[0]
@@ -385,17 +376,14 @@ def _global_step(
     # Final representative of each node: its exact representative's component root.
     con.execute(
         """CREATE TABLE final AS
-        SELECT r.node, coalesce(l.c, r.rep) AS root, r.prior,
-               r.rep <> r.node AS exact_dup
+        SELECT r.node, coalesce(l.c, r.rep) AS root, r.rep <> r.node AS exact_dup
         FROM rep r LEFT JOIN lab l ON l.node = r.rep"""
     )
-    con.execute("UPDATE final SET root = node WHERE prior")
     con.execute("CREATE TABLE sizes AS SELECT root, count(*) AS n FROM final GROUP BY root")
     stats["clusters"] = con.execute("SELECT count(*) FROM sizes WHERE n > 1").fetchone()[0]
     result = con.execute(
-        f"""SELECT w.row, f.node, f.root, f.exact_dup, f.prior, rn.id AS root_id, j.jaccard
-        FROM (SELECT row, node FROM '{nodes}' WHERE row IS NOT NULL) w
-        JOIN final f USING (node)
+        """SELECT f.node, f.root, f.exact_dup, rn.id AS root_id, j.jaccard
+        FROM final f
         JOIN sizes s ON s.root = f.root
         JOIN nodes rn ON rn.node = f.root
         LEFT JOIN (SELECT a, b, max(jaccard) AS jaccard FROM edges GROUP BY a, b) j
@@ -403,40 +391,21 @@ def _global_step(
         WHERE s.n > 1"""
     ).fetchall()
     decisions: dict[int, tuple[str | None, str, int | None]] = {}
-    for row, node, root, exact_dup, prior, root_id, jac in result:
+    for node, root, exact_dup, root_id, jac in result:
         cid = cluster_id(root_id)
-        if prior or node == root:
-            decisions[row] = (None, "", cid)
+        if node == root:
+            decisions[node] = (None, "", cid)
         elif exact_dup:
-            decisions[row] = ("exact_duplicate", f"kept={root_id}", cid)
+            decisions[node] = ("exact_duplicate", f"kept={root_id}", cid)
         else:
             detail = f"kept={root_id}" + (f" jaccard={jac:.3f}" if jac is not None else "")
-            decisions[row] = ("near_duplicate", detail, cid)
+            decisions[node] = ("near_duplicate", detail, cid)
     return decisions, stats
 
 
-def _verify(
-    con: duckdb.DuckDBPyConnection,
-    work: Path,
-    index: _Index,
-    cfg: DedupConfig,
-    input_files: list[Path],
-    progress: bool,
-) -> None:
-    """Keep only candidate pairs whose Jaccard similarity reaches the threshold.
-
-    Pairs of this run's documents are checked exactly on their shingle sets;
-    a pair with a document known only from the index is checked on the
-    signature estimate (its text is not at hand).
-    """
-    nodes = str(work / "nodes.parquet")
-    rows_of = dict(
-        con.execute(
-            f"SELECT node, min(row) FROM '{nodes}' WHERE row IS NOT NULL "
-            "AND node IN (SELECT a FROM pairs UNION SELECT b FROM pairs) GROUP BY node"
-        ).fetchall()
-    )
-    wanted = sorted(set(rows_of.values()))
+def _verify(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, input_files: list[Path], progress: bool) -> None:
+    """Keep only candidate pairs whose exact Jaccard similarity of shingle sets reaches the threshold."""
+    wanted = [r for (r,) in con.execute("SELECT a FROM pairs UNION SELECT b FROM pairs ORDER BY 1").fetchall()]
     shingles: dict[int, np.ndarray] = {}
     row0 = 0
     pos = 0
@@ -456,30 +425,10 @@ def _verify(
         row0 += n
     pairs = con.execute("SELECT a, b FROM pairs").fetchnumpy()
     a_nodes, b_nodes = pairs["a"], pairs["b"]
-    jac = np.full(len(a_nodes), np.nan)
-    need_sig: list[int] = []
-    for k, (a, b) in enumerate(zip(a_nodes.tolist(), b_nodes.tolist(), strict=True)):
-        ra, rb = rows_of.get(a), rows_of.get(b)
-        if ra is not None and rb is not None:
-            jac[k] = exact_jaccard(shingles[ra], shingles[rb])
-        else:
-            need_sig.append(k)
-    if need_sig:
-        # Signature estimate for pairs that involve documents known only from the index.
-        needed = sorted({int(a_nodes[k]) for k in need_sig} | {int(b_nodes[k]) for k in need_sig})
-        con.execute("CREATE TABLE want AS SELECT unnest($1::BIGINT[]) AS node", [needed])
-        sig_sources = [f"SELECT node, signature FROM '{work / 'sigs.parquet'}'"]
-        if index.size:
-            sig_sources.append(
-                f"SELECT file_row_number AS node, signature FROM read_parquet('{index.path}', file_row_number = true)"
-            )
-        rows = con.execute(
-            f"SELECT node, signature FROM ({' UNION ALL '.join(sig_sources)}) s WHERE node IN (SELECT node FROM want)"
-        ).fetchall()
-        sig_of = {int(n): np.asarray(s, dtype=np.uint32) for n, s in rows}
-        for k in need_sig:
-            sa, sb = sig_of[int(a_nodes[k])], sig_of[int(b_nodes[k])]
-            jac[k] = float((sa == sb).mean())
+    jac = np.array(
+        [exact_jaccard(shingles[a], shingles[b]) for a, b in zip(a_nodes.tolist(), b_nodes.tolist(), strict=True)],
+        dtype=np.float64,
+    )
     keep = jac >= cfg.threshold
     edges = pa.table({"a": a_nodes[keep], "b": b_nodes[keep], "jaccard": jac[keep]})
     con.register("verified", edges)
@@ -540,36 +489,26 @@ def _write_outputs(
     return outputs, kept, dropped
 
 
-def _write_index(
-    con: duckdb.DuckDBPyConnection, work: Path, stage_dir: Path, index: _Index, cfg: DedupConfig
-) -> list:
-    """`signatures.parquet`: the earlier index plus this run's newly kept documents.
+def _write_index(con: duckdb.DuckDBPyConnection, work: Path, stage_dir: Path, cfg: DedupConfig) -> list:
+    """`signatures.parquet`: the signature of every document of this run's input, in input order.
 
-    The rows stream from DuckDB into `ParquetWriter`, whose row groups depend on
-    the rows alone: a run that finds its own index already complete (killed
-    after writing it, before its manifest) rewrites it byte for byte.
+    Documents gone from the input leave the cache with it. The rows stream from
+    DuckDB into `ParquetWriter`, whose row groups depend on the rows alone, so a
+    resumed run rewrites it byte for byte; its checksum goes beside it.
     """
     if not cfg.near:
         return []
-    sources = [
-        f"""SELECT n.id, n.text_hash, s.signature, n.node FROM '{work / 'sigs.parquet'}' s
-        JOIN nodes n USING (node) JOIN final f USING (node)
-        WHERE NOT n.prior AND f.root = f.node"""
-    ]
-    if index.size:
-        sources.insert(
-            0,
-            "SELECT id, text_hash, signature, file_row_number AS node "
-            f"FROM read_parquet('{index.path}', file_row_number = true)",
-        )
     schema = pa.schema(
         [("id", pa.string()), ("text_hash", pa.binary()), ("signature", pa.list_(pa.uint32(), cfg.num_perm))]
     )
     target = stage_dir / SIGNATURES
-    result = con.execute(f"SELECT id, text_hash, signature FROM ({' UNION ALL '.join(sources)}) ORDER BY node")
+    result = con.sql(
+        f"SELECT n.id, n.text_hash, s.signature FROM '{work / 'sigs.parquet'}' s "
+        "JOIN nodes n ON n.node = s.row ORDER BY s.row"
+    )
     with ParquetWriter(target, schema) as writer:
         for batch in result.to_arrow_reader(ROW_GROUP_SIZE):
             writer.write(batch)
-    atomic_write_json(stage_dir / SIGNATURES_KEY, cfg.signature_key())
+    atomic_write_json(stage_dir / SIGNATURES_KEY, {"settings": cfg.signature_key(), "sha256": file_sha256(target)})
     rows = pq.ParquetFile(target).metadata.num_rows
     return [describe_file(stage_dir, target, rows), describe_file(stage_dir, stage_dir / SIGNATURES_KEY)]

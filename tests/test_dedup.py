@@ -105,7 +105,14 @@ def test_without_verification_bands_decide(tmp_path):
     assert res.metrics["bands"] == 16 and res.metrics["rows"] == 8
 
 
-def test_incremental_run_reuses_signatures(tmp_path):
+def decisions(stage: Path) -> tuple[set[str], dict[str, str]]:
+    """(kept ids, dropped id -> reason) of a dedup stage directory."""
+    kept = set(read_table(document_files(stage)).column("id").to_pylist())
+    dropped = {r["id"]: r["reason"] for r in read_table([stage / "dropped.parquet"]).to_pylist()}
+    return kept, dropped
+
+
+def test_incremental_run_reuses_signatures_and_decides_on_the_current_input(tmp_path):
     base = {f"d{i}": " ".join(words(f"t{i}_", 60)) for i in range(6)}
     stage = tmp_path / "dedup"
     first = run_dedup(write_docs(tmp_path / "in1", base), stage, DedupConfig(), progress=False)
@@ -115,24 +122,77 @@ def test_incremental_run_reuses_signatures(tmp_path):
     near = base["d0"].split()
     near[-1] = "changed"
     new = {"n0": " ".join(near), "n1": " ".join(words("fresh", 60)), "n2": base["d3"].upper()}
+    # Only the new documents now: the earlier ones are gone, so nothing is a duplicate of them.
     second = run_dedup(write_docs(tmp_path / "in2", new), stage, DedupConfig(), progress=False)
-    assert second.counts.dropped == {"near_duplicate": 1, "exact_duplicate": 1}
+    assert second.counts.kept == 3 and not second.counts.dropped
     assert second.metrics["signatures_computed"] == 3 and second.metrics["index_size"] == 6
-    detail = {r["id"]: r["detail"] for r in read_table([stage / "dropped.parquet"]).to_pylist()}
-    assert detail["n0"].startswith("kept=d0") and detail["n2"] == "kept=d3"
-    assert pq.ParquetFile(stage / "signatures.parquet").metadata.num_rows == 7
+    assert pq.ParquetFile(stage / "signatures.parquet").metadata.num_rows == 3  # the cache follows the input
 
-    # The whole corpus again: kept documents reuse their stored signatures and stay kept.
-    third = run_dedup(
-        write_docs(tmp_path / "in1", base) + write_docs(tmp_path / "in2", new), stage, DedupConfig(), progress=False
-    )
-    assert third.metrics["signatures_reused"] == 7
-    assert third.metrics["signatures_computed"] == 2
+    # Both sets: the new documents reuse their signatures; the survivor is the earliest in input order.
+    both = write_docs(tmp_path / "in1", base) + write_docs(tmp_path / "in2", new)
+    third = run_dedup(both, stage, DedupConfig(), progress=False)
+    assert third.metrics["signatures_reused"] == 3 and third.metrics["signatures_computed"] == 6
     assert third.counts.kept == 7 and third.counts.in_ == 9
     third.counts.check("dedup")
+    detail = {r["id"]: r["detail"] for r in read_table([stage / "dropped.parquet"]).to_pylist()}
+    assert detail["n0"].startswith("kept=d0") and detail["n2"] == "kept=d3"
+    assert decisions(stage) == decisions_of_fresh(both, tmp_path / "fresh3")
 
-    with pytest.raises(ValueError, match="shingle_size"):
-        run_dedup(write_docs(tmp_path / "in2", new), stage, DedupConfig(shingle_size=3), progress=False)
+    # Other signature settings ignore the cache (and rebuild it) instead of failing.
+    fourth = run_dedup(both, stage, DedupConfig(shingle_size=3), progress=False)
+    assert fourth.metrics["signatures_reused"] == 0 and fourth.metrics["signatures_computed"] == 9
+    assert fourth.extra["signature_cache_ignored"] == "other signature settings"
+
+
+def decisions_of_fresh(files: list[Path], stage: Path, cfg: DedupConfig | None = None) -> tuple[set[str], dict[str, str]]:
+    run_dedup(files, stage, cfg or DedupConfig(), progress=False)
+    return decisions(stage)
+
+
+def test_an_edited_document_is_never_a_duplicate_of_its_own_earlier_version(tmp_path):
+    base = {f"d{i}": " ".join(words(f"t{i}_", 60)) for i in range(6)}
+    stage = tmp_path / "dedup"
+    run_dedup(write_docs(tmp_path / "v1", base), stage, DedupConfig(), progress=False)
+    edited = dict(base)
+    text = base["d2"].split()
+    text[10:13] = ["three", "new", "words"]
+    edited["d2"] = " ".join(text) + " and one more line"  # same id, a near copy of its old text
+    files = write_docs(tmp_path / "v2", edited)
+    result = run_dedup(files, stage, DedupConfig(), progress=False)
+    assert result.counts.kept == 6 and not result.counts.dropped
+    assert result.metrics["signatures_reused"] == 5 and result.metrics["signatures_computed"] == 1
+    assert decisions(stage) == decisions_of_fresh(files, tmp_path / "fresh")
+
+
+def test_deleting_a_survivor_keeps_its_near_copy_and_a_tighter_threshold_reclusters(tmp_path):
+    a, b = pair_at(95)  # Jaccard 0.90
+    texts = {"a": a, "b": b, "c": " ".join(words("c", 60))}
+    stage = tmp_path / "dedup"
+    run_dedup(write_docs(tmp_path / "v1", texts), stage, DedupConfig(), progress=False)
+    assert decisions(stage)[1] == {"b": "near_duplicate"}
+    del texts["a"]  # the survivor's file is deleted: its copy is now unique
+    files = write_docs(tmp_path / "v2", texts)
+    run_dedup(files, stage, DedupConfig(), progress=False)
+    assert decisions(stage) == ({"b", "c"}, {})
+    texts["a"] = a
+    files = write_docs(tmp_path / "v3", texts)
+    run_dedup(files, stage, DedupConfig(threshold=0.95), progress=False)  # tighter: 0.90 is no longer a duplicate
+    assert decisions(stage) == ({"a", "b", "c"}, {})
+    assert decisions(stage) == decisions_of_fresh(files, tmp_path / "fresh", DedupConfig(threshold=0.95))
+
+
+def test_a_tampered_signature_cache_is_ignored(tmp_path):
+    texts = {f"d{i}": " ".join(words(f"t{i}_", 60)) for i in range(4)}
+    files = write_docs(tmp_path / "in", texts)
+    stage = tmp_path / "dedup"
+    run_dedup(files, stage, DedupConfig(), progress=False)
+    cache = stage / "signatures.parquet"
+    data = bytearray(cache.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    cache.write_bytes(bytes(data))
+    again = run_dedup(files, stage, DedupConfig(), progress=False)
+    assert again.extra["signature_cache_ignored"] == "checksum mismatch"
+    assert again.metrics["signatures_reused"] == 0 and again.metrics["signatures_computed"] == 4
 
 
 def test_executor_gives_identical_outputs(tmp_path):
