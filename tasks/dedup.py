@@ -193,7 +193,7 @@ def run_dedup(
         n_in = count_rows(input_files)
         stats = _signature_pass(input_files, work, cfg, index, bands, rows, n_in, progress, executor)
         t_sig = time.perf_counter()
-        con = duckdb.connect(str(work / "dedup.duckdb"))
+        con = duckdb.connect()  # in memory; spills to temp_directory past memory_limit
         con.execute(f"SET memory_limit = '{cfg.duckdb_memory_limit}'")
         con.execute(f"SET temp_directory = '{work / 'spill'}'")
         decisions, global_stats = _global_step(con, work, cfg, input_files, progress)

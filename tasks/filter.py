@@ -311,23 +311,28 @@ def dropped_by_family(dropped: Mapping[str, int], cfg: BaseFilterConfig) -> dict
 
 
 def write_chart(path: Path, dropped: dict[str, int]) -> None:
-    """Horizontal bar chart of drop counts by reason (matplotlib, Agg backend)."""
-    import matplotlib
+    """Horizontal bar chart of drop counts by reason (matplotlib's Agg canvas, no pyplot state).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Fixed margins instead of `tight_layout`: the layout pass cost more than the drawing.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     items = sorted(dropped.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(items), 3) + 1.2))
+    height = 0.3 * max(len(items), 3) + 1.0
+    fig = Figure(figsize=(7, height), dpi=100)
+    FigureCanvasAgg(fig)
+    longest = max((len(k) for k, _ in items), default=10)
+    fig.subplots_adjust(left=min(0.5, 0.04 + 0.0105 * longest), right=0.93, bottom=0.55 / height, top=1 - 0.4 / height)
+    ax = fig.add_subplot()
     if items:
         ax.barh([k for k, _ in items], [v for _, v in items], color="#4c72b0")
         for y, (_, v) in enumerate(items):
             ax.text(v, y, f" {v}", va="center", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
     else:
         ax.text(0.5, 0.5, "no documents dropped", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("documents dropped")
     ax.set_title("filter: drops by reason")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+        fig.savefig(tmp, format="png")

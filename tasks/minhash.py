@@ -12,6 +12,7 @@ the same shingle hashes (see `datasketch_minhash`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -30,10 +31,12 @@ _CHUNK_ELEMENTS = 1 << 19  # permutations x shingles per numpy step (2 MiB of ui
 _word_cache: dict[str, int] = {}
 
 
+@functools.lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, false_negative_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows) minimising the weighted false positive + false negative areas around `threshold`.
 
-    This is datasketch's `MinHashLSH` rule; weights sum to one.
+    This is datasketch's `MinHashLSH` rule; weights sum to one. Cached: it integrates numerically
+    over every (bands, rows) pair, a quarter of a second each time.
     """
     b, r = _optimal_param(threshold, num_perm, 1.0 - false_negative_weight, false_negative_weight)
     return int(b), int(r)
