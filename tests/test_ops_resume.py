@@ -12,7 +12,8 @@ that was never interrupted, and no temporary or set-aside file is left behind.
 
 Ingest is tested on a growing source folder (the incremental case, where the
 previous outputs are set aside while the new ones are written); dedup on a
-first run. Tokenization and training have their own kill tests
+first run and, like the filter, on an incremental one (a grown input, with the
+previous run's signature or signal cache in place). Tokenization and training have their own kill tests
 (`test_encode.py`, `test_train.py`).
 """
 
@@ -58,13 +59,20 @@ CHILD = textwrap.dedent(
         cfg = IngestConfig(batch_files=1, ocr=False)
         digest = source_digest([source], cfg)
         body = lambda ex: run_ingest([source], out, cfg, progress=False, executor=ex)
-    else:
+    elif stage == "dedup":
         from refinery.tasks.dedup import DedupConfig, run_dedup
 
         cfg = DedupConfig(batch_size=8)
         digest = read_manifest(Path(source)).output_digest
         inputs = document_files(Path(source))
         body = lambda ex: run_dedup(inputs, out, cfg, progress=False, executor=ex)
+    else:
+        from refinery.tasks.filter import FilterConfig, run_filter
+
+        cfg = FilterConfig(batch_size=16)
+        digest = read_manifest(Path(source)).output_digest
+        inputs = document_files(Path(source))
+        body = lambda ex: run_filter(inputs, out, cfg, progress=False, executor=ex)
 
     # What the flow does before a stage: the stage is no longer complete; leftovers go.
     out.mkdir(parents=True, exist_ok=True)
@@ -186,3 +194,36 @@ def test_dedup_killed_resumes_to_the_same_outputs(corpus, child, tmp_path: Path,
     # Killed after its last output, the run left its signature index complete; the restart reads it
     # as the earlier runs' index and rewrites the same rows, byte for byte (row groups follow the rows).
     _assert_same(_run(child, "dedup", ingest, resumed), expected, resumed)
+
+
+@pytest.fixture(scope="module")
+def grown_input(corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """Ingest outputs of a folder without its code files, and of the same folder with them."""
+    base = tmp_path_factory.mktemp("grown")
+    script = base / "child.py"
+    script.write_text(CHILD)
+    src, held = base / "src", base / "held"
+    shutil.copytree(corpus, src)
+    shutil.move(src / "code", held)
+    small, grown = base / "ingest-small", base / "ingest-grown"
+    _run(script, "ingest", src, small)
+    shutil.move(held, src / "code")
+    _run(script, "ingest", src, grown)
+    return small, grown
+
+
+@pytest.mark.parametrize("stage", ["dedup", "filter"])
+def test_an_incremental_run_killed_resumes_to_the_uninterrupted_incremental_outputs(
+    grown_input, child, tmp_path: Path, stage: str
+) -> None:
+    # The stage runs first on the smaller input, then incrementally on the grown one, with the
+    # previous run's caches in place: killed part-way in one root and not in the other.
+    small, grown = grown_input
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run(child, stage, small, reference)
+    shutil.copytree(reference, resumed)
+    expected = _run(child, stage, grown, reference)
+    assert expected.counts.in_ > read_manifest(small).counts.kept
+    _kill_mid_stage(child, stage, grown, resumed, pace=0.3)
+    _assert_incomplete_but_clean(resumed)
+    _assert_same(_run(child, stage, grown, resumed), expected, resumed)
