@@ -11,7 +11,7 @@ run: install  ## install, then run the whole pipeline on the bundled sample corp
 	.venv/bin/refinery run
 
 test: install  ## install, then run the test suite
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: install  ## ruff over the whole repository (CI runs it before the tests)
 	.venv/bin/ruff check .

@@ -34,3 +34,25 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Files whose tests take the longest, longest first. `make test` runs the suite on two workers with
+# `--dist loadfile`, which hands out whole files in collection order: starting these first keeps one
+# worker from finishing alone with a long file at the end.
+LONGEST_FIRST = (
+    "test_pipeline_e2e.py",
+    "test_tracking_server.py",
+    "test_ops_serve.py",
+    "test_ops_dask.py",
+    "test_ops_resume.py",
+    "test_ops_retry.py",
+    "test_ops_postgres.py",
+    "test_reaper.py",
+    "test_incremental_equals_fresh.py",
+    "test_early_errors.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
