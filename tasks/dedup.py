@@ -9,7 +9,7 @@ directory.
 Globally (in DuckDB, over those files, so it spills to disk past memory):
 exact groups by content hash; band collisions -> candidate pairs -> optional
 exact Jaccard check on the shingle sets -> connected components -> one kept
-document per cluster, the earliest in input order (the survivor rule). Kept
+document per cluster, the one with the smallest source URI (the survivor rule). Kept
 documents get a `minhash_cluster` column: the cluster id shared by a kept
 document and the duplicates removed in its favour, null when it had none.
 
@@ -239,7 +239,9 @@ def _signature_pass(
     A document is identified by its input row from here on, so every decision
     depends on the current input alone.
     """
-    node_schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("text_hash", pa.binary())])
+    node_schema = pa.schema(
+        [("row", pa.int64()), ("id", pa.string()), ("source", pa.string()), ("text_hash", pa.binary())]
+    )
     sig_type = pa.list_(pa.uint32(), cfg.num_perm)
     sig_schema = pa.schema([("row", pa.int64()), ("signature", sig_type)])
     band_schema = pa.schema([("row", pa.int64()), ("band", pa.int16()), ("key", pa.int64())])
@@ -278,7 +280,7 @@ def _signature_pass(
     row_of_cached = np.full(index.size, -1, dtype=np.int64)  # cache entry -> the input row reusing it
     row0 = 0
     bar = tqdm(total=n_in, desc="dedup: signatures", unit="doc", disable=not progress)
-    id_batches = iter_batches(input_files, columns=["id"], batch_size=cfg.batch_size)
+    id_batches = iter_batches(input_files, columns=["id", "source"], batch_size=cfg.batch_size)
     for (hashes, comp_rows, sigs, has), id_batch in zip(map_in_order(signature_batch, batches(), executor), id_batches, strict=True):
         ids = id_batch.column("id").to_pylist()
         n = len(ids)
@@ -287,7 +289,10 @@ def _signature_pass(
         computed_mask[comp_rows] = True
         for i in np.flatnonzero(~computed_mask):
             row_of_cached[index.by_id[ids[i]][0]] = row[i]
-        nodes_w.write(pa.table({"row": row, "id": ids, "text_hash": hashes}, schema=node_schema))
+        nodes_w.write(
+            pa.table({"row": row, "id": ids, "source": id_batch.column("source"), "text_hash": hashes},
+                     schema=node_schema)
+        )
         write_sigs(row[comp_rows], sigs, has)
         computed += len(comp_rows)
         row0 += n
@@ -319,14 +324,19 @@ def _global_step(
 ) -> tuple[dict[int, tuple[str | None, str, int | None]], dict[str, int]]:
     """Exact groups, LSH candidates, verification and components, in DuckDB.
 
-    Every cluster keeps its earliest document in input order (the smallest
-    row), so the decisions are a function of the current input alone.
+    Nodes are numbered by source URI, and every cluster keeps its smallest
+    node: the document with the smallest source URI. The decisions are thus a
+    function of the current set of documents alone, whatever order an
+    incremental ingest wrote them in.
     Returns, for every input row that is dropped or belongs to a cluster,
     `(reason or None, detail, cluster id)`.
     """
     nodes, bands_f = (str(work / f) for f in ("nodes.parquet", "bands.parquet"))
-    con.execute(f"CREATE TABLE nodes AS SELECT row AS node, id, text_hash FROM '{nodes}'")
-    # Exact duplicates: the earliest row of each content hash represents it.
+    con.execute(
+        f"CREATE TABLE nodes AS SELECT row, id, text_hash, row_number() OVER (ORDER BY source, row) - 1 AS node "
+        f"FROM '{nodes}'"
+    )
+    # Exact duplicates: the smallest node of each content hash represents it.
     if cfg.exact:
         con.execute("CREATE TABLE rep AS SELECT node, min(node) OVER (PARTITION BY text_hash) AS rep FROM nodes")
     else:
@@ -336,8 +346,8 @@ def _global_step(
     if cfg.near and pq.ParquetFile(bands_f).metadata.num_rows:
         m = cfg.max_bucket_pairs
         con.execute(
-            f"CREATE TABLE b AS SELECT band, key, row AS node FROM '{bands_f}' "
-            "WHERE row IN (SELECT node FROM rep WHERE rep = node)"
+            f"CREATE TABLE b AS SELECT band, key, n.node FROM '{bands_f}' JOIN nodes n USING (row) "
+            "WHERE n.node IN (SELECT node FROM rep WHERE rep = node)"
         )
         con.execute(
             "CREATE TABLE buckets AS SELECT band, key, count(*) AS n, min(node) AS root FROM b "
@@ -382,8 +392,9 @@ def _global_step(
     con.execute("CREATE TABLE sizes AS SELECT root, count(*) AS n FROM final GROUP BY root")
     stats["clusters"] = con.execute("SELECT count(*) FROM sizes WHERE n > 1").fetchone()[0]
     result = con.execute(
-        """SELECT f.node, f.root, f.exact_dup, rn.id AS root_id, j.jaccard
+        """SELECT n.row, f.node, f.root, f.exact_dup, rn.id AS root_id, j.jaccard
         FROM final f
+        JOIN nodes n ON n.node = f.node
         JOIN sizes s ON s.root = f.root
         JOIN nodes rn ON rn.node = f.root
         LEFT JOIN (SELECT a, b, max(jaccard) AS jaccard FROM edges GROUP BY a, b) j
@@ -391,21 +402,25 @@ def _global_step(
         WHERE s.n > 1"""
     ).fetchall()
     decisions: dict[int, tuple[str | None, str, int | None]] = {}
-    for node, root, exact_dup, root_id, jac in result:
+    for row, node, root, exact_dup, root_id, jac in result:
         cid = cluster_id(root_id)
         if node == root:
-            decisions[node] = (None, "", cid)
+            decisions[row] = (None, "", cid)
         elif exact_dup:
-            decisions[node] = ("exact_duplicate", f"kept={root_id}", cid)
+            decisions[row] = ("exact_duplicate", f"kept={root_id}", cid)
         else:
             detail = f"kept={root_id}" + (f" jaccard={jac:.3f}" if jac is not None else "")
-            decisions[node] = ("near_duplicate", detail, cid)
+            decisions[row] = ("near_duplicate", detail, cid)
     return decisions, stats
 
 
 def _verify(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, input_files: list[Path], progress: bool) -> None:
     """Keep only candidate pairs whose exact Jaccard similarity of shingle sets reaches the threshold."""
-    wanted = [r for (r,) in con.execute("SELECT a FROM pairs UNION SELECT b FROM pairs ORDER BY 1").fetchall()]
+    con.execute(
+        "CREATE TABLE pair_rows AS SELECT p.a, p.b, na.row AS ra, nb.row AS rb FROM pairs p "
+        "JOIN nodes na ON na.node = p.a JOIN nodes nb ON nb.node = p.b"
+    )
+    wanted = [r for (r,) in con.execute("SELECT ra FROM pair_rows UNION SELECT rb FROM pair_rows ORDER BY 1").fetchall()]
     shingles: dict[int, np.ndarray] = {}
     row0 = 0
     pos = 0
@@ -423,10 +438,10 @@ def _verify(con: duckdb.DuckDBPyConnection, cfg: DedupConfig, input_files: list[
                 shingles[row0 + int(r)] = np.unique(h[o[k] : o[k + 1]])
         pos = end
         row0 += n
-    pairs = con.execute("SELECT a, b FROM pairs").fetchnumpy()
+    pairs = con.execute("SELECT a, b, ra, rb FROM pair_rows").fetchnumpy()
     a_nodes, b_nodes = pairs["a"], pairs["b"]
     jac = np.array(
-        [exact_jaccard(shingles[a], shingles[b]) for a, b in zip(a_nodes.tolist(), b_nodes.tolist(), strict=True)],
+        [exact_jaccard(shingles[a], shingles[b]) for a, b in zip(pairs["ra"].tolist(), pairs["rb"].tolist(), strict=True)],
         dtype=np.float64,
     )
     keep = jac >= cfg.threshold
@@ -504,7 +519,7 @@ def _write_index(con: duckdb.DuckDBPyConnection, work: Path, stage_dir: Path, cf
     target = stage_dir / SIGNATURES
     result = con.sql(
         f"SELECT n.id, n.text_hash, s.signature FROM '{work / 'sigs.parquet'}' s "
-        "JOIN nodes n ON n.node = s.row ORDER BY s.row"
+        "JOIN nodes n ON n.row = s.row ORDER BY s.row"
     )
     with ParquetWriter(target, schema) as writer:
         for batch in result.to_arrow_reader(ROW_GROUP_SIZE):
