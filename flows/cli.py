@@ -33,9 +33,9 @@ RootOpt = Annotated[Path, typer.Option("--root", "-r", help="Run root: one folde
 DEFAULT_ROOT = Path(".refinery")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -75,6 +75,13 @@ def run(
         _fail(problem)  # before Prefect starts or the run root is created
     if problem := _check_saved_configs(root):
         _fail(problem)
+    from refinery.storage.lock import EXIT_LOCKED, RootLock, RootLocked
+
+    if not cfg.execution.lock_wait_s:  # not waiting: refuse before Prefect starts (the flow checks again, holding it)
+        try:
+            RootLock(Path(root).resolve()).check_free()
+        except RootLocked as exc:
+            _fail(str(exc), EXIT_LOCKED)
     configure_environment(root)
     start_reaper()  # Prefect's temporary server must not outlive a killed run
     if not sources:
@@ -111,6 +118,9 @@ def run(
     except EmptyStageOutput as exc:  # the run stopped with a reason; a traceback would only hide it
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
+    except RootLocked as exc:  # another run holds the root (after execution.lock_wait_s)
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_LOCKED) from None
     print_summary(summary)
 
 
@@ -199,6 +209,11 @@ def print_summary(summary: dict) -> None:
         typer.echo("")
         typer.echo(f"validation loss  {ev['val_loss']:.4f} nats/token  ({ev['val_bpb']:.4f} bits/byte)")
         typer.echo(f"unigram baseline {ev['unigram_loss']:.4f} nats/token  ({ev['unigram_bpb']:.4f} bits/byte)")
+    if summary.get("warning"):
+        typer.echo("")
+        typer.secho(f"warning: {summary['warning']}", fg=typer.colors.YELLOW, err=True)
+        if summary.get("not_registered"):
+            typer.secho(summary["not_registered"], fg=typer.colors.YELLOW, err=True)
     root = Path(summary["root"])
     typer.echo("")
     typer.echo(f"Results in {root}/  (one folder per stage, each with its manifest.json)")
@@ -463,16 +478,22 @@ def lineage(
         list[str] | None,
         typer.Option("--source", "-s", help="Sources as given to `refinery run`; default: the last run's (from MLflow)."),
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config, as given to `refinery run`.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one config value; repeatable.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for lineage.png and lineage.mmd; default <root>/lineage.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help=(
+        "Judge against this YAML config, as `refinery run --config` would use it; default: the config each "
+        "stage ran with (recorded in its manifest, and written to <out>/config.yaml)."))] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=(
+        "Judge against the defaults (or --config) with this value changed, as `refinery run --set` would; "
+        "repeatable. E.g. --config <root>/lineage/config.yaml --set filter.gopher_quality.min_words=80: what that change re-runs."))] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for lineage.png, lineage.mmd and config.yaml; default <root>/lineage.")] = None,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not log the graph to MLflow.")] = False,
 ) -> None:
     """The graph from raw sources through every stage to each registered model.
 
-    A stage whose inputs or config changed since it ran is marked stale, with
-    everything downstream, and the command that re-runs exactly that part is
-    printed (or use `refinery run --stale`).
+    A stage whose inputs changed since it ran is marked stale, with everything
+    downstream, and the command that re-runs exactly that part is printed (or
+    use `refinery run --stale`). With no --config/--set each stage is judged
+    against the config it ran with, so an untouched run is up to date; with
+    them, against that config: what `refinery run` with them would re-run.
     """
     configure_environment(root)
     from refinery.flows.lineage_graph import main as lineage_main

@@ -35,6 +35,9 @@ class TrackingConfig(BaseModel):
     )
     experiment: str = "refinery"
     registered_model: str = "refinery-lm"
+    register_poor_models: bool = Field(
+        False, description="register a model even when eval finds it no better than the unigram baseline"
+    )
     system_metrics_s: float | None = Field(
         10.0, gt=0, description="seconds between system-metric samples (CPU, memory, disk, network, GPU) "
         "logged to each stage run, plus one at its end; null: off",
@@ -42,7 +45,8 @@ class TrackingConfig(BaseModel):
 
 
 class ExecutionConfig(BaseModel):
-    """How the CPU-heavy maps run (in process, or on a Dask cluster) and how reused outputs are checked."""
+    """How the CPU-heavy maps run (in process, or on a Dask cluster), how reused outputs are checked, and how
+    long a run waits for another run on its root."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +55,11 @@ class ExecutionConfig(BaseModel):
     progress: bool = True
     verify: Literal["sha256", "size"] = Field(
         "sha256", description="how a stage's reused outputs are checked: streamed sha256, or sizes only (huge roots)"
+    )
+    lock_wait_s: float | None = Field(
+        None, ge=0, description="seconds a run waits for another run on the same root to finish before failing; "
+        "null: 0 (fail at once, naming the other run) when started by hand, 6 hours when started by a deployment "
+        "(refinery schedule, a worker)",
     )
 
 

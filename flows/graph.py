@@ -56,6 +56,8 @@ class StageCall:
     progress: bool = True
     executor: Executor | None = None
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
+    tracking_uri: str | None = None  # the run's MLflow store, for stages that resolve models:/ URIs
+    code_version: str | None = None  # the stage's `<name>/<version>`, for outputs that record their digest
 
     def one(self, kind: type[OutputT]) -> OutputT:
         """The single input of type `kind` (the documents a stage maps, the tokenizer it uses...).

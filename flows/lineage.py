@@ -45,6 +45,25 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+PARENT_TAGS = ("refinery.init_from", "refinery.parent_model", "refinery.parent_output_digest")
+
+
+def parent_tags(init_from: Any) -> dict[str, str]:
+    """Tags naming the model a continued training run started from (the train manifest's `extra["init_from"]`).
+
+    `refinery.parent_model` is `NAME/VERSION` when it was a registered model; `refinery.parent_output_digest`
+    the output digest of the train stage that made the parent, where known. Nothing for a run from scratch.
+    """
+    if not isinstance(init_from, dict) or init_from.get("kind") in (None, "scratch"):
+        return {}
+    tags = {"refinery.init_from": str(init_from.get("uri") or init_from["kind"])}
+    if init_from.get("kind") == "model":
+        tags["refinery.parent_model"] = f"{init_from.get('name')}/{init_from.get('version')}"
+    if init_from.get("output_digest"):
+        tags["refinery.parent_output_digest"] = str(init_from["output_digest"])
+    return tags
+
+
 def _process_tags() -> dict[str, str]:
     """Which process made a run, so a later run can tell whether that process is gone."""
     return {"refinery.pid": str(os.getpid()), "refinery.host": socket.gethostname()}
@@ -166,6 +185,7 @@ class Lineage:
                 RunTag("refinery.input_digest", manifest.input_digest),
                 RunTag("refinery.output_digest", manifest.output_digest),
                 RunTag("refinery.config_hash", manifest.config_hash),
+                *[RunTag(k, v) for k, v in parent_tags(manifest.extra.get("init_from")).items()],
             ],
         )
         self.log_dataset(run_id, f"{manifest.stage}-input", input_sources, manifest.input_digest, "input")
@@ -235,7 +255,10 @@ class Lineage:
         with fluent_tracking(self.tracking_uri):
             with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id):
                 info = log_pyfunc_model(checkpoint_dir, tokenizer_file)
-            version = mlflow.register_model(info.model_uri, registered_name, tags={"refinery.train_run": run_id})
+            run_tags = self.client.get_run(run_id).data.tags
+            parent = {k: v for k, v in run_tags.items() if k in PARENT_TAGS}  # a continued model names its parent
+            version = mlflow.register_model(info.model_uri, registered_name,
+                                            tags={"refinery.train_run": run_id, **parent})
         self.client.update_model_version(registered_name, version.version, description=description)
         return info.model_uri, str(version.version)
 

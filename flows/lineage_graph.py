@@ -14,7 +14,14 @@ code version, and its outputs intact. A stage that reads a stale one is stale
 too (its input is about to change), and so is a model version trained on a
 training output that is stale or gone. The first stale stage is where
 `refinery run --from STAGE` re-runs exactly the stale part. The edges are the
-stage graph's (flows/stages.py).
+stage graph's (flows/stages.py), plus one from each model version a continued
+training run started from (`train.init_from`) to the version it made.
+
+By default each stage is judged against the config it ran with (its manifest
+records its section) and the sources of the root's last run that read them
+(its MLflow parent run records them), so an untouched run is up to date with no
+flags, whatever config made it; given `--config/--set`, against that config
+instead, which answers "what would re-run with this config".
 
 Rendering needs no system package: the terminal gets a text tree, the image is
 drawn with matplotlib, and a Mermaid file (`lineage.mmd`) serves Markdown docs.
@@ -31,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
+import yaml
 
 from refinery.flows.config import config_model, load_config
 from refinery.flows.graph import Graph, active, input_digest, staleness
@@ -41,6 +49,7 @@ from refinery.storage.outputs import Checkpoint
 Status = Literal["ok", "stale", "missing", "superseded", "changed"]
 IMAGE_NAME = "lineage.png"
 MERMAID_NAME = "lineage.mmd"
+RECORDED_CONFIG_NAME = "config.yaml"
 COLORS = {
     "ok": "#8fd19e",
     "stale": "#f5b971",
@@ -185,6 +194,8 @@ def model_nodes(client: Any, registered_model: str, train: Node) -> list[Node]:
         info = {
             "version": str(mv.version), "run_id": mv.run_id, "output_digest": produced_by,
             "input_digest": mv.tags.get("refinery.input_digest", ""), "uri": f"models:/{registered_model}/{mv.version}",
+            "parent_model": mv.tags.get("refinery.parent_model", ""),
+            "parent_output_digest": mv.tags.get("refinery.parent_output_digest", ""),
         }
         if train.info.get("output_digest") != produced_by:
             status: Status = "superseded"
@@ -195,6 +206,25 @@ def model_nodes(client: Any, registered_model: str, train: Node) -> list[Node]:
             status, reasons = "ok", []
         nodes.append(Node(f"model:{mv.version}", "model", f"{registered_model} v{mv.version}", status, reasons, info))
     return nodes
+
+
+def parent_edges(models: list[Node], registered_model: str) -> list[tuple[str, str]]:
+    """Edges from the version a continued model started from (`train.init_from`) to that model.
+
+    The parent is the version named by the `refinery.parent_model` tag, else the version
+    whose training output digest is the recorded `refinery.parent_output_digest`.
+    """
+    by_version = {m.info["version"]: m for m in models}
+    by_digest = {m.info["output_digest"]: m for m in models if m.info.get("output_digest")}
+    edges = []
+    for m in models:
+        name, _, version = m.info.get("parent_model", "").rpartition("/")
+        parent = by_version.get(version) if name == registered_model else None
+        parent = parent or by_digest.get(m.info.get("parent_output_digest", ""))
+        if parent is not None and parent is not m:
+            m.info["parent"] = parent.label
+            edges.append((parent.id, m.id))
+    return edges
 
 
 def _stage_run_ids(client: Any, experiment: str, stages: list[Node]) -> None:
@@ -217,8 +247,22 @@ def tracking_uri(layout: RunLayout, cfg: Any) -> str:
     return layout.tracking_uri(cfg.tracking.mlflow_uri)
 
 
-def recorded_sources(layout: RunLayout, cfg: Any) -> list[str]:
-    """The sources of the last pipeline run, from its MLflow parent run (empty when there is none)."""
+def pipeline_runs(client: Any, experiment_id: str, layout: RunLayout, most: int = 500) -> list[Any]:
+    """The pipeline runs of this root, newest first: a shared tracking server holds the runs of many roots.
+
+    Runs without the `refinery.root` tag (made before it) count as this root's.
+    """
+    runs = client.search_runs([experiment_id], "tags.`refinery.kind` = 'pipeline'", max_results=most,
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if r.data.tags.get("refinery.root", str(layout.root)) == str(layout.root)]
+
+
+def recorded_sources(layout: RunLayout, cfg: Any, graph: Graph | None = None) -> list[str]:
+    """The sources of the last pipeline run of this root that read them, from its MLflow parent run.
+
+    A later run of, say, `--stages filter` did not read the sources, so the last run whose stages include
+    one that reads them is the one that says what was ingested. Empty when there is none.
+    """
     if not layout.has_tracking(cfg.tracking.mlflow_uri):
         return []
     from mlflow.tracking import MlflowClient
@@ -227,10 +271,39 @@ def recorded_sources(layout: RunLayout, cfg: Any) -> list[str]:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], "tags.`refinery.kind` = 'pipeline'", max_results=1,
-                              order_by=["attributes.start_time DESC"])
-    value = runs[0].data.params.get("sources", "") if runs else ""
+    mine = [r for r in pipeline_runs(client, exp.experiment_id, layout) if r.data.params.get("sources")]
+    readers = {s.name for s in (graph or active()).stages if s.reads_sources is not None}
+    chosen = next((r for r in mine if "stages" not in r.data.params
+                   or readers & set(r.data.params["stages"].split(","))), mine[0] if mine else None)
+    value = chosen.data.params["sources"] if chosen is not None else ""
     return [s for s in value.split(",") if s]
+
+
+def recorded_config(layout: RunLayout, graph: Graph | None = None) -> Any:
+    """The config each stage last ran with, read from its manifest; defaults for the rest.
+
+    Sections are read one by one, as recorded: a stage whose recorded section no longer validates (its code
+    changed) keeps the default, and shows as stale for it. `tracking` and `execution` are not recorded and
+    take their defaults (and `$MLFLOW_TRACKING_URI`).
+    """
+    from pydantic import ValidationError
+
+    graph = graph or active()
+    cfg = config_model(graph)()
+    for stage in graph.stages:
+        manifest = read_manifest(layout.stage_dir(stage.name))
+        if manifest is None:
+            continue
+        try:
+            setattr(cfg, stage.name, stage.config_model.model_validate(manifest.config))
+        except ValidationError:
+            continue
+    return cfg
+
+
+def config_tree(cfg: Any, graph: Graph | None = None) -> dict[str, Any]:
+    """The stage sections of `cfg`, as a YAML file for `refinery run --config` holds them."""
+    return {s.name: getattr(cfg, s.name).model_dump(mode="json") for s in (graph or active()).stages}
 
 
 def build_graph(
@@ -254,6 +327,7 @@ def build_graph(
     edges = [(s.id, f"stage:{st.name}") for s in src for st in graph.stages if st.reads_sources is not None]
     edges += [(f"stage:{a}", f"stage:{b}") for a, b in graph.edges()]
     edges += [(f"stage:{trained.name}", m.id) for m in models if trained is not None]
+    edges += parent_edges(models, cfg.tracking.registered_model)
     return LineageGraph(layout.root, [*src, *stages, *models], edges)
 
 
@@ -276,7 +350,8 @@ def render_text(graph: LineageGraph) -> str:
         lines += [f"        {r}" for r in n.reasons if n.status == "stale"]
     for n in graph.nodes:
         if n.kind == "model":
-            lines.append(f"       └─ model {n.label}  ({n.info['uri']})  {_MARK[n.status]}")
+            parent = f"  continued from {n.info['parent']}" if n.info.get("parent") else ""
+            lines.append(f"       └─ model {n.label}  ({n.info['uri']})  {_MARK[n.status]}{parent}")
     lines.append("")
     command = graph.rerun_command()
     if command:
@@ -381,15 +456,14 @@ def render_png(graph: LineageGraph, path: str | os.PathLike[str]) -> Path:
 
 
 def log_to_mlflow(graph: LineageGraph, layout: RunLayout, cfg: Any, files: list[Path]) -> str | None:
-    """Log the rendered files under `lineage/` of the latest pipeline run; returns that run's id."""
+    """Log the rendered files under `lineage/` of the root's latest pipeline run; returns that run's id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri(layout, cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], "tags.`refinery.kind` = 'pipeline'", max_results=1,
-                              order_by=["attributes.start_time DESC"])
+    runs = pipeline_runs(client, exp.experiment_id, layout)
     if not runs:
         return None
     run_id = runs[0].info.run_id
@@ -439,31 +513,43 @@ def main(
 ) -> LineageGraph:
     """Build, print and render the lineage of `root`; the body of `refinery lineage`.
 
-    `sources` default to those of the last pipeline run (recorded in MLflow);
-    config is read like `refinery run` reads it. The image and Mermaid file go
-    to `out_dir` (default `<root>/lineage/`) and, with `log`, to the last
-    pipeline run in MLflow.
+    `sources` default to those of the last pipeline run (recorded in MLflow).
+    Without `config_file` and `overrides`, each stage is judged against the
+    config it ran with (its manifest's), so an untouched run is up to date
+    whatever config made it; with them, against the config `refinery run` would
+    use with the same flags (what would re-run with that config). The image, the
+    Mermaid file and the recorded config (`config.yaml`, for `--config` to edit
+    from) go to `out_dir` (default `<root>/lineage/`) and, with `log`, the
+    drawings to the last pipeline run in MLflow.
     """
     layout = RunLayout.at(root)
     if not any(read_manifest(layout.stage_dir(s)) for s in active().names):
         raise FileNotFoundError(f"no stage manifests under {layout.root}; run `refinery run --root {root}` first")
-    cfg = load_config(config_file, overrides or [])
+    from refinery.storage.atomic import atomic_write_text
+
+    out = Path(out_dir) if out_dir else layout.root / "lineage"
+    recorded = recorded_config(layout)
+    recorded_file = out / RECORDED_CONFIG_NAME
+    atomic_write_text(recorded_file, yaml.safe_dump(config_tree(recorded), sort_keys=False))
+    as_recorded = config_file is None and not overrides
+    cfg = recorded if as_recorded else load_config(config_file, overrides or [])
     sources = list(sources or recorded_sources(layout, cfg))
     if not sources:
         raise ValueError(f"the sources of {layout.root} are not recorded; pass them as in `refinery run` (--source PATH)")
     graph = build_graph(layout.root, sources, cfg)
     bundled = str(layout.root / "sample-corpus")
     graph.run_args = [a for s in sources if s != bundled for a in ("--source", shlex.quote(s))]
+    if as_recorded and config_tree(recorded) != config_tree(config_model()()):
+        config_file = recorded_file  # so the re-run command runs with the config the stages ran with
     graph.run_args += ["--config", shlex.quote(str(config_file))] if config_file else []
     graph.run_args += [a for o in overrides or [] for a in ("--set", shlex.quote(o))]
     echo(render_text(graph))
-    out = Path(out_dir) if out_dir else layout.root / "lineage"
+    echo(f"\nJudged against {'the config each stage ran with' if as_recorded else 'the config given'}; "
+         f"the recorded config is in {recorded_file}")
     image = render_png(graph, out / IMAGE_NAME)
     mermaid = out / MERMAID_NAME
-    from refinery.storage.atomic import atomic_write_text
-
     atomic_write_text(mermaid, render_mermaid(graph))
-    echo(f"\nGraph written to {image} and {mermaid}")
+    echo(f"Graph written to {image} and {mermaid}")
     if log and (layout.has_tracking(cfg.tracking.mlflow_uri)):
         run_id = log_to_mlflow(graph, layout, cfg, [image, mermaid])
         if run_id:

@@ -29,6 +29,7 @@ from refinery.flows.graph import Graph, Stage, StageCall, active, input_digest, 
 from refinery.flows.lineage import Lineage
 from refinery.storage.atomic import sweep_temporaries
 from refinery.storage.layout import RunLayout
+from refinery.storage.lock import RootLock, RootLocked, describe_holder
 from refinery.storage.manifest import MANIFEST_NAME, Manifest, build_manifest, read_manifest, write_manifest
 from refinery.storage.outputs import Checkpoint, Documents, Evaluation, StageOutput, TokenizerFile
 
@@ -146,6 +147,7 @@ def run_stage(env: RunEnv, name: str, inputs: dict[str, StageOutput]) -> StageOu
         dir=stage_dir, cfg=cfg, inputs=inputs, input_digest=digest, sources=list(env.sources),
         progress=env.cfg.execution.progress, executor=env.executor,
         on_metrics=lambda step, metrics: env.lineage.log_metrics(run_id, metrics, step),
+        tracking_uri=env.lineage.tracking_uri, code_version=stage.code_version,
     )
     try:
         with env.lineage.system_metrics(run_id, env.cfg.tracking.system_metrics_s):
@@ -213,6 +215,14 @@ def _register_model(env: RunEnv, model: Checkpoint, tokenizer: TokenizerFile, va
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}"}
 
 
+def _quality_warning(cfg: Any, evaluation: Evaluation) -> str | None:
+    """The eval stage's verdict on the model (`poor_model_warning`), with its section's margin."""
+    from refinery.tasks.evaluate import poor_model_warning
+
+    section = getattr(cfg, evaluation.stage, None)
+    return poor_model_warning(evaluation.metrics, getattr(section, "min_gain_over_unigram", None))
+
+
 def _make_executor(cfg: Any) -> tuple[Any, Callable[[], None]]:
     """None for in-process maps, or an executor whose maps run on Dask workers, and how to close it.
 
@@ -253,6 +263,44 @@ def _make_executor(cfg: Any) -> tuple[Any, Callable[[], None]]:
     return client.get_executor(), stack.close
 
 
+DEPLOYMENT_LOCK_WAIT_S = 6 * 3600.0
+"""How long a run started by a deployment (a schedule, a worker) waits for the run root's lock by default.
+
+A scheduled run that finds the previous run still working should queue behind it rather than fail; after
+six hours something is wrong, and a failure naming the holder says more than a run waiting forever.
+"""
+
+
+def _started_by_deployment() -> bool:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return bool(ctx is not None and ctx.flow_run is not None and ctx.flow_run.deployment_id)
+
+
+def lock_wait_s(cfg: Any) -> float:
+    """`execution.lock_wait_s`, or when unset: 0 (fail at once) by hand, `DEPLOYMENT_LOCK_WAIT_S` from a deployment."""
+    if cfg.execution.lock_wait_s is not None:
+        return float(cfg.execution.lock_wait_s)
+    return DEPLOYMENT_LOCK_WAIT_S if _started_by_deployment() else 0.0
+
+
+def _waiting_for(layout: RunLayout, cfg: Any) -> Callable[[dict[str, Any]], None]:
+    """What a run that waits for the lock says once, so a run that seems stuck explains itself."""
+
+    def say(holder: dict[str, Any]) -> None:
+        try:
+            logger: Any = get_run_logger()
+        except Exception:  # noqa: BLE001 - called outside a flow run (the flow's function itself)
+            import logging
+
+            logger = logging.getLogger(__name__)
+        logger.warning("run root %s is in use by %s; waiting up to %.0f s for it", layout.root,
+                       describe_holder(holder), lock_wait_s(cfg))
+
+    return say
+
+
 @flow(name="data_to_model", log_prints=True)
 def data_to_model(
     sources: list[str],
@@ -266,10 +314,31 @@ def data_to_model(
 
     Each selected stage of the graph is one Prefect task that receives the typed
     outputs of the stages it reads, so the flow run's task graph is the data graph.
+    The run root's lock (storage/lock.py) is held for the whole run, so two runs
+    never write one root at once; a run that cannot get it within
+    `execution.lock_wait_s` fails naming the run that holds it.
     """
     graph = active()
     cfg = validate_config(config or {}, graph)
     layout = RunLayout.at(root)
+    from prefect.runtime import flow_run
+
+    lock = RootLock(layout.root)
+    try:
+        lock.acquire(lock_wait_s(cfg), flow_run=flow_run.get_name(), on_wait=_waiting_for(layout, cfg))
+    except RootLocked as exc:  # outputs untouched; a returned Failed state fails the run without a traceback
+        return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
+    try:
+        return _run_pipeline(graph, cfg, layout, sources, stages, from_stage, force)
+    finally:
+        lock.release()
+
+
+def _run_pipeline(
+    graph: Graph, cfg: Any, layout: RunLayout, sources: list[str], stages: list[str] | None,
+    from_stage: str | None, force: bool,
+) -> dict[str, Any]:
+    """The body of `data_to_model`, run while the run root's lock is held."""
     layout.create(graph.names)
     selected, forced = graph.select(stages, from_stage)
     if force:
@@ -315,6 +384,16 @@ def data_to_model(
                 return Failed(message=message, data=EmptyStageOutput(message))  # type: ignore[return-value]
         evaluation = next((o for o in outputs.values() if isinstance(o, Evaluation)), None)
         model = next((o for o in outputs.values() if isinstance(o, Checkpoint)), None)
+        if evaluation is not None and (warning := _quality_warning(cfg, evaluation)):
+            get_run_logger().warning(warning)
+            lineage.client.set_tag(parent, "refinery.warning", warning)
+            summary["warning"] = warning
+            if not cfg.tracking.register_poor_models:
+                summary["not_registered"] = (
+                    "no model registered (set tracking.register_poor_models=true to register it anyway); "
+                    f"the checkpoint is in {model.dir if model else layout.root}"
+                )
+                model = None
         if model is not None:
             val = (evaluation or model).metrics.get("val_loss")
             tok_stage = graph.producing(TokenizerFile)

@@ -16,6 +16,8 @@ adding a stage is one entry here (see docs/architecture.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from refinery.flows.graph import Graph, Stage, StageCall, View
 from refinery.model.train import TrainConfig
 from refinery.storage.manifest import StageResult
@@ -71,13 +73,35 @@ def encode(call: StageCall) -> StageResult:
 
 
 def train(call: StageCall) -> StageResult:
+    from refinery.storage.layout import RunLayout
     from refinery.storage.manifest import config_hash
     from refinery.tasks.train import run_train
 
+    shards = call.one(Shards)
     return run_train(
-        call.one(Shards), call.dir, call.cfg, run_key=call.input_digest + config_hash(call.cfg),
-        on_metrics=call.on_metrics, progress=call.progress,
+        shards, call.dir, call.cfg, run_key=call.input_digest + config_hash(call.cfg),
+        on_metrics=call.on_metrics, progress=call.progress, tokenizer_file=_shards_tokenizer(shards),
+        tracking_uri=call.tracking_uri or RunLayout.at(call.dir.parent).tracking_uri(), input_digest=call.input_digest,
+        code_version=call.code_version,
     )
+
+
+def _shards_tokenizer(shards: Shards) -> Path | None:
+    """The tokenizer the shards were encoded with: the output of the tokenizer stage the shards stage reads.
+
+    The train stage keeps it with its checkpoints, so continued training can tell
+    whether a source model's weights fit these token ids.
+    """
+    from refinery.flows.graph import active
+
+    graph = active()
+    if shards.stage not in graph.names:
+        return None
+    for name in graph[shards.stage].inputs:
+        if issubclass(graph[name].output, TokenizerFile):
+            found = TokenizerFile.read(shards.dir.parent / name)
+            return found.file if found is not None else None
+    return None
 
 
 def evaluate(call: StageCall) -> StageResult:
@@ -105,7 +129,7 @@ PIPELINE = Graph((
           summary="curated documents encoded into memory-mappable Arrow shards",
           views=(View("shard_stats", "stats.parquet"),)),
     Stage("train", TrainConfig, ("shards",), train, Checkpoint, retry_io=False,
-          summary="a decoder-only transformer trained from scratch",
+          summary="a decoder-only transformer trained from scratch or continued (train.init_from)",
           artifacts=("loss_curve.png", "metrics.jsonl"), views=(View("provenance", "provenance.parquet"),)),
     Stage("eval", EvalConfig, ("train", "tokenizer", "shards"), evaluate, Evaluation, retry_io=False,
           summary="validation loss, bits per byte, a unigram baseline, samples",

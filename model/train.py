@@ -30,7 +30,14 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 from tqdm.auto import tqdm
 
 from refinery.model.checkpoint import (
@@ -125,6 +132,29 @@ class TrainConfig(BaseModel):
     d_model: int | None = Field(default=None, ge=2)
     ffn_hidden: int | None = Field(default=None, ge=1)
     dropout: float | None = Field(default=None, ge=0, lt=1)
+    init_from: str = Field(
+        default="scratch",
+        description="starting weights: scratch (random), last (this run root's previous train checkpoint) or "
+        "models:/NAME/VERSION (or models:/NAME/latest); same model shape and tokenizer required",
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        if value in ("scratch", "last") or (value.startswith("models:/") and len(value) > len("models:/")):
+            return value
+        raise ValueError(
+            f"init_from must be scratch, last or models:/NAME/VERSION (or /latest), not {value!r}"
+        )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `init_from` out while it is `scratch`, so configs (and the config hash of every
+        train stage trained before the key existed) stay what they were; any other value is kept."""
+        data = handler(self)
+        if self.init_from == "scratch":
+            data.pop("init_from", None)
+        return data
 
     @field_validator("preset")
     @classmethod
@@ -253,11 +283,18 @@ def train(
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
     bytes_per_token: float | None = None,
+    init_weights: Path | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train (or resume) a model in `out_dir`; see the module docstring for the data split.
 
     `bytes_per_token` (UTF-8 bytes of the validation text per token), when given,
     adds `val_bpb` (bits per byte) to the metrics at each evaluation.
+    `init_weights`, a checkpoint folder of the same model shape, warm-starts a run
+    that has no checkpoint of its own to resume (continued training): its weights
+    replace the random initialisation, while the optimizer, the LR schedule
+    (warm-up, then cosine over `max_steps`) and the data order start afresh.
+    `meta` is added to every checkpoint's config.json (e.g. the tokenizer's digest).
     """
     out_dir = Path(out_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -281,6 +318,8 @@ def train(
             bytes_per_token,
             rank,
             world_size,
+            init_weights,
+            meta or {},
         )
     finally:
         if started_dist:
@@ -298,6 +337,8 @@ def _train(
     bytes_per_token: float | None,
     rank: int,
     world_size: int,
+    init_weights: Path | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     master = rank == 0
     device = resolve_device(cfg.device)
@@ -350,8 +391,11 @@ def _train(
         start_step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         if metrics_file.exists():
             history = [r for r in read_metrics(metrics_file) if r["step"] <= start_step]
-    elif found and master:
-        tqdm.write(f"not resuming from {found}: {reason}; starting afresh")
+    else:
+        if found and master:
+            tqdm.write(f"not resuming from {found}: {reason}; starting afresh")
+        if init_weights is not None:
+            load_weights(raw_model, Path(init_weights))  # continued training: warm start, fresh optimizer
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in history))
@@ -391,6 +435,7 @@ def _train(
             "loader": train_data.state_dict(),
         }
         meta = {
+            **(extra_meta or {}),
             "step": step,
             "tokens_seen": tokens_seen,
             "precision": precision,

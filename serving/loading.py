@@ -17,11 +17,15 @@ if TYPE_CHECKING:
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
 
-def resolve_model(model: str | Path | None, root: str | Path, tracking_uri: str | None = None) -> tuple[Path, Path]:
+def resolve_model(
+    model: str | Path | None, root: str | Path, tracking_uri: str | None = None, dst_path: str | Path | None = None
+) -> tuple[Path, Path]:
     """(checkpoint folder, tokenizer.json) for a folder, an MLflow model URI, or the run root's model.
 
     MLflow URIs are read from `tracking_uri` if given, else `$MLFLOW_TRACKING_URI`,
-    else the root's SQLite store: the order every command resolves it in.
+    else the root's SQLite store: the order every command resolves it in. Their
+    artifacts are downloaded into `dst_path` when given (a folder the caller cleans
+    up), else where MLflow puts them.
     """
     from refinery.storage.layout import RunLayout
 
@@ -34,7 +38,9 @@ def resolve_model(model: str | Path | None, root: str | Path, tracking_uri: str 
 
         uri = layout.tracking_uri(tracking_uri)
         with fluent_tracking(uri):  # `models:/` resolves through the process-wide registry URI, whatever is passed
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, tracking_uri=uri, registry_uri=uri))
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=text, tracking_uri=uri, registry_uri=uri, dst_path=str(dst_path) if dst_path else None
+            ))
         checkpoints = [p.parent for p in local.rglob("model.safetensors")]
         tokenizers = list(local.rglob("tokenizer.json"))
         if not checkpoints or not tokenizers:

@@ -38,6 +38,33 @@ class EvalConfig(BaseModel):
     top_k: int | None = Field(50, ge=1)
     top_p: float | None = Field(0.95, gt=0.0, le=1.0)
     seed: int = 0
+    min_gain_over_unigram: float | None = Field(
+        0.10, ge=0.0, lt=1.0,
+        description="a model counts as useful when its validation loss is at least this fraction below the "
+        "unigram baseline; otherwise the run warns and registers nothing (tracking.register_poor_models "
+        "registers it anyway); null: no check",
+    )
+
+
+def poor_model_warning(metrics: dict[str, float], min_gain: float | None) -> str | None:
+    """Why an evaluated model is not worth registering, or None.
+
+    The unigram baseline is what knowing only token frequencies scores; a model
+    that does not beat it by a margin has learnt little else, which on a small
+    corpus is what happens, however low its training loss went.
+    """
+    val, unigram = metrics.get("val_loss"), metrics.get("unigram_loss")
+    if min_gain is None or val is None or not unigram:
+        return None
+    if val <= (1.0 - min_gain) * unigram:
+        return None
+    gain = 1.0 - val / unigram
+    return (
+        f"the model is no better than its baseline: validation loss {val:.4f} nats/token is {gain:.1%} below the "
+        f"unigram baseline {unigram:.4f} (a model that knows only token frequencies), short of the "
+        f"{min_gain:.0%} eval.min_gain_over_unigram asks for. The corpus is probably too small for this model: "
+        "add documents, or choose a smaller train.preset"
+    )
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -4,36 +4,249 @@ The network and its loop live in `refinery.model`; this module only connects
 them to the shards stage's outputs and keeps resumption honest: a checkpoint
 left by a killed run is resumed only if it was made from the same inputs and
 config, never from another dataset.
+
+Continued training (`train.init_from`): instead of random weights a run can start
+from `last`, the checkpoint this run root's previous train run left in the stage
+folder, or from a registered model, `models:/NAME/VERSION` (or `/latest`). The
+source must have the configured model shape and must have been trained with the
+tokenizer that encoded the shards; both are checked before anything in the stage
+folder is touched, so a refused continuation leaves the previous model in place.
+The starting weights are copied to `init/` (with `init/init_from.json`, what they
+are) before the folder is reset for the new run, so a run killed before its first
+checkpoint resumes from them too. The optimizer and the LR schedule (warm-up, then
+cosine over `max_steps`) start afresh for the new steps.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from refinery.model.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, find_checkpoint, read_config
+from refinery.model.gpt import GPTConfig
 from refinery.model.train import TrainConfig, train
 from refinery.storage.atomic import atomic_write_json
-from refinery.storage.manifest import Counts, StageResult, describe_file
+from refinery.storage.manifest import (
+    Counts,
+    StageResult,
+    describe_file,
+    file_sha256,
+    output_digest,
+    stable_hash,
+)
 from refinery.storage.outputs import Shards
 from refinery.storage.shards import TokenWindows
 
 RUN_KEY = "run_key.json"
+INIT_DIR = "init"  # the starting weights of a continued run, and what they are
+INIT_STAGING = "init.staging"  # where they wait while the folder is reset (not a `find_checkpoint` sibling name)
+INIT_RECORD = "init_from.json"
+COMPLETED = "completed.json"  # written after a run completes: its weights' sha256 and output digest
+TOKENIZER = "tokenizer.json"  # a copy of the tokenizer in the final checkpoint folder: the model carries it
+SHAPE_KEYS = ("seq_len", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden")  # TrainConfig keys of the shape
 
 
-def _reset_if_stale(stage_dir: Path, run_key: str) -> None:
-    """Drop checkpoints of a different run (other inputs or config) so we never resume across datasets."""
+class InitFromError(ValueError):
+    """`train.init_from` cannot be honoured: says what differs and what to do."""
+
+
+@dataclass
+class InitSource:
+    """Weights to continue from: a checkpoint folder, the tokenizer digest it was trained with, and its record."""
+
+    checkpoint: Path
+    tokenizer_digest: str | None
+    record: dict[str, Any] = field(default_factory=dict)
+    tokenizer_file: Path | None = None
+
+
+def tokenizer_digest(path: Path) -> str:
+    """sha256 of the tokenizer's canonical JSON: equal exactly when two files map text to the same ids."""
+    return stable_hash(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _same_run(stage_dir: Path, run_key: str) -> bool:
     key_file = stage_dir / RUN_KEY
-    if key_file.is_file() and json.loads(key_file.read_text()).get("key") == run_key:
+    return key_file.is_file() and json.loads(key_file.read_text()).get("key") == run_key
+
+
+def _reset_if_stale(stage_dir: Path, run_key: str, keep: tuple[str, ...] = ()) -> None:
+    """Drop checkpoints of a different run (other inputs or config) so we never resume across datasets."""
+    if _same_run(stage_dir, run_key):
         return
     for child in stage_dir.iterdir() if stage_dir.is_dir() else []:
+        if child.name in keep:
+            continue
         if child.is_dir():
             shutil.rmtree(child)
         else:
             child.unlink()
     stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(key_file, {"key": run_key})
+    atomic_write_json(stage_dir / RUN_KEY, {"key": run_key})
+
+
+# --------------------------------------------------------------------------- continued training
+
+
+def _checkpoint_tokenizer(checkpoint: Path) -> tuple[str | None, Path | None]:
+    """The digest of the tokenizer a checkpoint was trained with: from the copy it carries, else its config."""
+    carried = checkpoint / TOKENIZER
+    if carried.is_file():
+        return tokenizer_digest(carried), carried
+    return read_config(checkpoint).get("tokenizer_sha256"), None
+
+
+def _last_source(stage_dir: Path) -> InitSource | None:
+    """The newest weights in the train folder: the previous run's checkpoint, else the weights it started from."""
+    checkpoint = find_checkpoint(stage_dir / "checkpoint")
+    if checkpoint is not None:
+        weights = file_sha256(checkpoint / WEIGHTS)
+        record: dict[str, Any] = {
+            "kind": "last", "path": str(checkpoint.relative_to(stage_dir)),
+            "step": read_config(checkpoint).get("step"), "weights_sha256": weights,
+        }  # fmt: skip
+        completed = stage_dir / COMPLETED
+        if completed.is_file():
+            done = json.loads(completed.read_text())
+            if done.get("weights_sha256") == weights:
+                record.update(complete=True, output_digest=done.get("output_digest", ""))
+        digest, carried = _checkpoint_tokenizer(checkpoint)
+        return InitSource(checkpoint, digest, record, carried)
+    init = find_checkpoint(stage_dir / INIT_DIR)
+    if init is not None:  # the previous run was reset and killed before its first checkpoint: its parent
+        record = json.loads((init / INIT_RECORD).read_text()) if (init / INIT_RECORD).is_file() else {"kind": "last"}
+        digest, carried = _checkpoint_tokenizer(init)
+        return InitSource(init, digest, record, carried)
+    return None
+
+
+def _model_version(uri: str, tracking_uri: str) -> tuple[str, str, dict[str, str]]:
+    """(name, version, tags) of `models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@ALIAS`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    rest = uri.removeprefix("models:/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = rest.partition("/")
+            if version in ("", "latest"):
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise InitFromError(f"train.init_from={uri}: no version of model {name!r} in {tracking_uri}")
+                version = str(max(int(v.version) for v in versions))
+            mv = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise InitFromError(
+            f"train.init_from={uri}: not found in the MLflow registry at {tracking_uri} ({exc.message}); "
+            "check the name and version (models:/NAME/VERSION), or set train.init_from=scratch"
+        ) from exc
+    return mv.name, str(mv.version), dict(mv.tags)
+
+
+def _registered_source(uri: str, root: Path, tracking_uri: str, download_to: Path) -> InitSource:
+    """A registered model version's checkpoint and tokenizer, downloaded into `download_to`."""
+    from refinery.serving.loading import resolve_model
+
+    name, version, tags = _model_version(uri, tracking_uri)
+    checkpoint, tokenizer = resolve_model(f"models:/{name}/{version}", root, tracking_uri, dst_path=download_to)
+    record = {
+        "kind": "model", "uri": uri, "name": name, "version": version,
+        "output_digest": tags.get("refinery.output_digest", ""),
+    }  # fmt: skip
+    return InitSource(checkpoint, tokenizer_digest(tokenizer), record, tokenizer)
+
+
+def _check_source(source: InitSource, init_from: str, model_cfg: GPTConfig, tokenizer_file: Path) -> None:
+    """Refuse a source trained with another tokenizer or of another model shape, saying what to do."""
+    what = f"the model {source.record['uri']}" if source.record.get("kind") == "model" else f"the checkpoint {source.checkpoint}"
+    current = tokenizer_digest(tokenizer_file)
+    if source.tokenizer_digest is None:
+        raise InitFromError(
+            f"train.init_from={init_from}: {what} does not record the tokenizer it was trained with (it predates "
+            "continued training), so there is no telling whether its weights fit the token ids of these shards. "
+            "Train once with train.init_from=scratch; later runs can continue from that model"
+        )
+    if source.tokenizer_digest != current:
+        carried = f" (it carries it: {source.tokenizer_file})" if source.tokenizer_file else ""
+        raise InitFromError(
+            f"train.init_from={init_from}: the tokenizer changed since {what} was trained (tokenizer "
+            f"{source.tokenizer_digest[:12]} then, {current[:12]} now, {tokenizer_file}), so its weights mean nothing "
+            "for the new token ids. The tokenizer stage trains a new tokenizer whenever the curated documents change; "
+            f"pin it with tokenizer.existing set to a copy of the source's tokenizer.json{carried}, kept outside the "
+            "run root's stage folders, so that later runs encode with it and can continue; or set train.init_from=scratch"
+        )
+    saved = GPTConfig(**read_config(source.checkpoint)["model"])
+    differs = {
+        k: (getattr(saved, k), getattr(model_cfg, k))
+        for k in GPTConfig.model_fields
+        if k != "dropout" and getattr(saved, k) != getattr(model_cfg, k)
+    }
+    if differs:
+        listed = ", ".join(f"{k} {a} in the source, {b} configured" for k, (a, b) in differs.items())
+        settable = {k: a for k, (a, _) in differs.items() if k in SHAPE_KEYS}
+        fix = (f"set {', '.join(f'train.{k}={v}' for k, v in settable.items())} (the source's shape)"
+               if settable and len(settable) == len(differs) else "train a model of this shape")  # fmt: skip
+        raise InitFromError(
+            f"train.init_from={init_from}: {what} has another model shape than this config trains ({listed}); "
+            f"continuing needs the same shape: {fix}, or set train.init_from=scratch"
+        )
+
+
+def _stage_source(source: InitSource, stage_dir: Path) -> None:
+    """Put the source's weights, config, tokenizer and record where the folder's reset leaves them."""
+    staging = stage_dir / INIT_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    if source.checkpoint.parent == stage_dir:  # `last`: the folder is about to be reset anyway, so move it
+        source.checkpoint.rename(staging)
+        (staging / TRAIN_STATE).unlink(missing_ok=True)  # the optimizer state is not carried over
+    else:
+        staging.mkdir(parents=True)
+        for name in (WEIGHTS, CONFIG):
+            shutil.copyfile(source.checkpoint / name, staging / name)
+    if source.tokenizer_file is not None and not (staging / TOKENIZER).is_file():
+        shutil.copyfile(source.tokenizer_file, staging / TOKENIZER)
+    atomic_write_json(staging / INIT_RECORD, source.record)
+
+
+def _prepare_init(
+    cfg: TrainConfig, stage_dir: Path, model_cfg: GPTConfig, tokenizer_file: Path | None, tracking_uri: str | None
+) -> dict[str, Any]:
+    """Resolve, check and stage `cfg.init_from` for a new run; returns what the manifest records."""
+    if tokenizer_file is None:
+        raise InitFromError(
+            f"train.init_from={cfg.init_from} needs the tokenizer that encoded the shards, to check it is the "
+            "source model's; pass tokenizer_file"
+        )
+    with tempfile.TemporaryDirectory() as download:
+        if cfg.init_from == "last":
+            source = _last_source(stage_dir)
+            if source is None:
+                warnings.warn(
+                    f"train.init_from=last: no previous checkpoint in {stage_dir}; training from scratch",
+                    stacklevel=3,
+                )
+                return {"kind": "scratch", "requested": "last", "reason": "no previous checkpoint"}
+        else:
+            from refinery.storage.layout import RunLayout
+
+            uri = RunLayout.at(stage_dir.parent).tracking_uri(tracking_uri)
+            source = _registered_source(cfg.init_from, stage_dir.parent, uri, Path(download))
+        _check_source(source, cfg.init_from, model_cfg, tokenizer_file)
+        _stage_source(source, stage_dir)
+    return source.record
+
+
+# --------------------------------------------------------------------------- the stage
 
 
 def run_train(
@@ -43,16 +256,44 @@ def run_train(
     run_key: str,
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    tokenizer_file: Path | None = None,
+    tracking_uri: str | None = None,
+    input_digest: str | None = None,
+    code_version: str | None = None,
 ) -> StageResult:
+    """Train on the shards in `stage_dir`, resuming a killed run of the same `run_key`.
+
+    `tokenizer_file` is the tokenizer that encoded the shards: its digest is saved
+    with the checkpoints, a copy goes into the final checkpoint, and continued
+    training checks it against the source's. `tracking_uri` resolves
+    `init_from=models:/...` (else `$MLFLOW_TRACKING_URI`, else the run root's store).
+    `input_digest` and `code_version` (the stage's) let the run record its output digest, which a
+    later `init_from=last` run names as its parent.
+    """
     stage_dir.mkdir(parents=True, exist_ok=True)
-    _reset_if_stale(stage_dir, run_key)
     if not shards.val_files or not shards.train_files:
         raise ValueError(
             f"the shards hold {shards.train_tokens} training and {shards.val_tokens} "
             "validation tokens; both splits need documents: add documents or raise shards.val_fraction"
         )
     vocab_size = shards.vocab_size
-    seq_len = cfg.model_config_for(vocab_size).seq_len
+    model_cfg = cfg.model_config_for(vocab_size)
+    fresh = not _same_run(stage_dir, run_key)
+    staging, init_dir = stage_dir / INIT_STAGING, stage_dir / INIT_DIR
+    if fresh or init_dir.is_dir():  # a leftover of another run, or of this one whose init/ is in place
+        shutil.rmtree(staging, ignore_errors=True)
+    record: dict[str, Any] = {"kind": "scratch"}
+    if fresh and cfg.init_from != "scratch":
+        record = _prepare_init(cfg, stage_dir, model_cfg, tokenizer_file, tracking_uri)
+    _reset_if_stale(stage_dir, run_key, keep=(INIT_STAGING,))
+    if staging.is_dir():
+        staging.rename(init_dir)
+    if (init_dir / INIT_RECORD).is_file():  # this run (or the killed run it resumes) continues from these weights
+        record = json.loads((init_dir / INIT_RECORD).read_text())
+    init_weights = init_dir if find_checkpoint(init_dir) is not None else None
+    meta = {"tokenizer_sha256": tokenizer_digest(tokenizer_file)} if tokenizer_file is not None else {}
+
+    seq_len = model_cfg.seq_len
     train_data = TokenWindows(shards.train_files, seq_len=seq_len, seed=cfg.seed)
     val_data = TokenWindows(shards.val_files, seq_len=seq_len, seed=cfg.seed)
     result = train(
@@ -63,8 +304,13 @@ def run_train(
         out_dir=stage_dir,
         on_metrics=on_metrics,
         progress=progress,
+        init_weights=init_weights,
+        meta={**meta, "init_from": record},
     )
-    files = sorted(p for p in Path(result.checkpoint_dir).rglob("*") if p.is_file())
+    checkpoint_dir = Path(result.checkpoint_dir)
+    if tokenizer_file is not None and checkpoint_dir.is_dir():
+        shutil.copyfile(tokenizer_file, checkpoint_dir / TOKENIZER)
+    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file())
     files += [Path(result.metrics_file), Path(result.loss_curve)]
     outputs = [describe_file(stage_dir, p) for p in files if p.is_file()]
     metrics = {
@@ -77,8 +323,15 @@ def run_train(
         "num_params": float(result.num_params),
     }
     extra = {
-        "checkpoint_dir": str(Path(result.checkpoint_dir).relative_to(stage_dir)),
+        "checkpoint_dir": str(checkpoint_dir.relative_to(stage_dir)),
         "loss_curve": str(Path(result.loss_curve).relative_to(stage_dir)),
         "metrics_file": str(Path(result.metrics_file).relative_to(stage_dir)),
+        "init_from": record,
     }
-    return StageResult(outputs=outputs, counts=Counts(**{"in": shards.documents, "kept": shards.documents}), metrics=metrics, extra=extra)
+    counts = Counts(**{"in": shards.documents, "kept": shards.documents})
+    weights = next((o.sha256 for o in outputs if o.path == str(checkpoint_dir.relative_to(stage_dir) / WEIGHTS)), "")
+    done = {"key": run_key, "weights_sha256": weights}
+    if input_digest is not None and code_version is not None:
+        done["output_digest"] = output_digest(outputs, counts, input_digest, code_version)
+    atomic_write_json(stage_dir / COMPLETED, done)
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra=extra)

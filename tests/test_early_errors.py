@@ -133,3 +133,32 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(tmp_path) -> None
     assert status[alive] == status[elsewhere] == status[untagged] == status[parent] == "RUNNING"
     assert client.get_run(parent).data.tags["refinery.pid"] == str(os.getpid())
     second.end_pipeline()
+
+
+def test_the_baseline_verdict_needs_the_margin() -> None:
+    from refinery.tasks.evaluate import poor_model_warning
+
+    assert poor_model_warning({"val_loss": 4.4, "unigram_loss": 5.0}, 0.10) is None  # 12% below
+    message = poor_model_warning({"val_loss": 4.6, "unigram_loss": 5.0}, 0.10)  # 8% below
+    assert message and "8.0% below the unigram baseline 5.0000" in message and "train.preset" in message
+    assert poor_model_warning({"val_loss": 6.0, "unigram_loss": 5.0}, None) is None
+
+
+def test_a_model_no_better_than_its_baseline_is_reported_and_not_registered(tmp_path) -> None:
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from test_lineage_graph import TINY
+
+    sources = write_corpus(tmp_path / "corpus")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))  # two training steps: no better than token frequencies
+    root = tmp_path / "run"
+    result = _run(root, "--source", sources[0], "--source", sources[1], "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "warning: the model is no better than its baseline" in result.output, result.output
+    assert "no model registered" in result.output and "Model registered" not in result.output
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.search_registered_models() == [] or not client.search_model_versions("name = 'refinery-lm'")
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("refinery").experiment_id])
+                 if r.data.tags.get("refinery.kind") == "pipeline"]
+    assert parent.data.tags["refinery.warning"].startswith("the model is no better than its baseline")

@@ -15,6 +15,7 @@ local search.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from refinery.flows.config import validate_config
-from refinery.flows.graph import StageCall, input_digest, staleness
+from refinery.flows.graph import Graph, StageCall, input_digest, staleness
 from refinery.flows.stages import PIPELINE
 from refinery.storage.atomic import sweep_temporaries
 from refinery.storage.documents import document_files, read_table
@@ -71,12 +72,12 @@ def outcome(root: Path) -> dict[str, Any]:
     return result
 
 
-def run(root: Path, sources: list[str], cfg: Any) -> dict[str, Any]:
+def run(root: Path, sources: list[str], cfg: Any, graph: Graph = PIPELINE, ran: list[str] | None = None) -> dict[str, Any]:
     """Ingest, dedup and filter as the flow runs them: a stage `staleness` finds current is skipped."""
     layout = RunLayout.at(root)
-    layout.create(PIPELINE.names)
+    layout.create(graph.names)
     outputs: dict[str, Any] = {}
-    for stage in PIPELINE.stages:
+    for stage in graph.stages:
         if stage.name not in STAGES:
             continue
         section = getattr(cfg, stage.name)
@@ -90,6 +91,8 @@ def run(root: Path, sources: list[str], cfg: Any) -> dict[str, Any]:
         if previous is not None and not staleness(stage, stage_dir, previous, digest, section):
             outputs[stage.name] = stage.output.from_manifest(stage_dir, previous)
             continue
+        if ran is not None:
+            ran.append(stage.name)
         (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)
         sweep_temporaries(stage_dir)
         result = stage.run(StageCall(stage_dir, section, inputs, digest, sources, progress=False))
@@ -295,3 +298,18 @@ def test_a_tampered_output_of_the_same_size_is_found_and_its_stage_reruns(tmp_pa
     assert staleness(stage, part.parent, manifest, digest, cfg.filter, verify="size") == []  # what size-only misses
     assert run(tmp_path / "root", sources, cfg) == before
     assert part.read_bytes() == original
+
+
+def test_new_stage_code_reruns_that_stage_and_everything_after_it(tmp_path: Path) -> None:
+    sources = _corpus(tmp_path / "src")
+    cfg = validate_config(CFG)
+    ran: list[str] = []
+    before = run(tmp_path / "root", sources, cfg, ran=ran)
+    assert ran == list(STAGES)
+    ran.clear()
+    run(tmp_path / "root", sources, cfg, ran=ran)
+    assert ran == []  # nothing changed: everything skipped
+    upgraded = Graph(tuple(dataclasses.replace(s, version=s.version + 1) if s.name == "dedup" else s
+                           for s in PIPELINE.stages))  # fmt: skip
+    after = run(tmp_path / "root", sources, cfg, graph=upgraded, ran=ran)
+    assert ran == ["dedup", "filter"] and after == before  # new code, the same documents here

@@ -239,3 +239,64 @@ def test_missing_stages_and_no_run_root(tmp_path) -> None:
     assert graph.stale_stages() == list(STAGES[1:])
     assert graph.node("stage:dedup").status == "missing"
     assert graph.rerun_command().endswith("--from dedup")
+
+
+def test_with_no_flags_each_stage_is_judged_by_the_config_it_ran_with(run_root, tmp_path) -> None:
+    from refinery.flows.config import load_config
+
+    root, sources, cfg = run_root
+    assert build_graph(root, sources, validate_config({}), use_mlflow=False).first_stale() == "filter"  # not defaults
+    lines: list[str] = []
+    graph = main(root, out_dir=tmp_path, log=False, echo=lines.append)  # no --source, --config or --set
+    assert graph.stale_stages() == [] and statuses(graph)["refinery-lm v1"] == "ok"
+    assert "Everything is up to date" in lines[0] and "the config each stage ran with" in lines[1]
+    recorded = load_config(tmp_path / "config.yaml")  # the recorded config, as a file `refinery run --config` reads
+    assert all(getattr(recorded, s) == getattr(cfg, s) for s in STAGES)
+
+
+def test_set_judges_against_that_config_and_marks_its_stage_and_downstream_stale(run_root, tmp_path) -> None:
+    import yaml
+
+    from refinery.flows.lineage_graph import config_tree, recorded_config
+
+    root, sources, _ = run_root
+    recorded = tmp_path / "recorded.yaml"  # what `refinery lineage` writes to <out>/config.yaml
+    recorded.write_text(yaml.safe_dump(config_tree(recorded_config(RunLayout.at(root)))))
+    change = "filter.gopher_quality.min_words=80"
+    graph = main(root, config_file=recorded, overrides=[change], out_dir=tmp_path, log=False, echo=lambda _: None)
+    assert graph.stale_stages() == ["filter", "tokenizer", "shards", "train", "eval"]
+    assert graph.node("stage:filter").reasons == ["config changed"]
+    assert graph.node("stage:tokenizer").reasons == ["upstream stage filter is stale"]
+    assert graph.rerun_command().endswith(f"--config {recorded} --set {change} --root {root} --from filter")
+    # --set alone starts from the defaults, as `refinery run --set` does: the same stages, for more reasons
+    alone = main(root, overrides=[change], out_dir=tmp_path, log=False, echo=lambda _: None)
+    assert alone.stale_stages() == ["filter", "tokenizer", "shards", "train", "eval"]
+
+
+def test_a_held_root_lock_is_no_stage_output(run_root, tmp_path) -> None:
+    from refinery.storage.lock import LOCK_NAME, RootLock
+
+    root = run_root[0]
+    with RootLock(root).held(0):
+        assert (root / LOCK_NAME).read_text()  # the holder's record
+        catalog = PIPELINE.catalog(root)
+        assert {"ingest", "dedup", "filter"} <= set(catalog.views)
+        assert "ingest" in catalog.format(catalog.overview_sql())
+        assert main(root, out_dir=tmp_path, log=False, echo=lambda _: None).stale_stages() == []
+
+
+def test_sources_come_from_this_roots_last_run_that_read_them(run_root) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from refinery.flows.lineage_graph import recorded_sources
+
+    root, sources, cfg = run_root
+    layout = RunLayout.at(root)
+    client = MlflowClient(tracking_uri=layout.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name("refinery").experiment_id
+    other = client.create_run(exp, tags={"refinery.kind": "pipeline", "refinery.root": "/elsewhere"})
+    client.log_param(other.info.run_id, "sources", "/elsewhere/corpus")
+    later = client.create_run(exp, tags={"refinery.kind": "pipeline", "refinery.root": str(layout.root)})
+    client.log_param(later.info.run_id, "sources", "/the/bundled/sample")
+    client.log_param(later.info.run_id, "stages", "filter")  # a run that read no sources
+    assert recorded_sources(layout, cfg) == sources

@@ -49,6 +49,8 @@ train:
 eval:
   max_batches: 8
   max_new_tokens: 8
+tracking:
+  register_poor_models: true  # a few training steps; what is tested is the registration
 """
 
 # A threshold that changes which documents the filter keeps (see test 3).

@@ -47,6 +47,8 @@ eval:
   max_new_tokens: 4
 execution:
   progress: false
+tracking:
+  register_poor_models: true  # a few training steps; what is tested is the registration
 """
 PROMPT = "def "
 
