@@ -111,20 +111,23 @@ def describe_file(stage_dir: Path, path: Path, rows: int = 0) -> OutputFile:
     )
 
 
-def output_digest(outputs: list[OutputFile], counts: Counts, input_digest: str) -> str:
-    """The lineage key of a stage's outputs: content checksums, counts and the input's key.
+def output_digest(outputs: list[OutputFile], counts: Counts, input_digest: str, code_version: str) -> str:
+    """The lineage key of a stage's outputs: content checksums, counts, the input's key and the code version.
 
     Folding the input digest in makes the keys a hash chain: a stage that needs
     data from two stages back (the shards stage reads the curated documents and
     the tokenizer) depends on them through its single `input_digest`, and a
     config change that leaves a stage's output bytes unchanged does not
-    invalidate anything downstream.
+    invalidate anything downstream. The stage's code version is folded in too:
+    new stage code re-runs that stage and everything after it, whatever bytes it
+    happens to write.
     """
     return stable_hash(
         {
             "input": input_digest,
             "outputs": sorted((o.path, o.sha256) for o in outputs),
             "counts": counts.model_dump(by_alias=True),
+            "code": code_version,
         }
     )
 
@@ -143,7 +146,7 @@ def build_manifest(
         config=config.model_dump(mode="json"),
         config_hash=config_hash(config),
         input_digest=input_digest,
-        output_digest=output_digest(result.outputs, result.counts, input_digest),
+        output_digest=output_digest(result.outputs, result.counts, input_digest, code_version),
         outputs=result.outputs,
         counts=result.counts,
         metrics=result.metrics,
