@@ -212,6 +212,7 @@ class Lineage:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # four INFO lines a stage otherwise
         monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=self.tracking_uri)
         monitor.start()
         try:

@@ -101,7 +101,10 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(
         default=300, ge=1, description="optimizer steps; also the length of the cosine schedule"
     )
-    max_time_s: float | None = Field(default=180.0, gt=0, description="stop early after this many seconds")
+    max_time_s: float | None = Field(
+        default=180.0, gt=0,
+        description="time budget: after a few steps the run plans how many steps fit and the schedule decays by then",
+    )
     lr: float = Field(default=3e-3, gt=0)
     min_lr: float = Field(default=3e-4, ge=0)
     warmup_steps: int = Field(default=20, ge=0)
@@ -179,16 +182,23 @@ class TrainResult(BaseModel):
     loss_curve: Path
     metrics_file: Path
     num_params: int
+    planned_steps: int = 0  # the schedule's length: max_steps, or what the time budget allows
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `max_steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps` (default `max_steps`).
+
+    A schedule planned shorter than `max_steps` (the time budget allows fewer steps) keeps its
+    warm-up to at most a fifth of it.
+    """
+    total = total_steps or cfg.max_steps
+    warmup = cfg.warmup_steps if total >= cfg.max_steps else min(cfg.warmup_steps, max(1, total // 5))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -248,6 +258,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+CALIBRATION_STEPS = 5  # steps timed before the time budget is turned into a planned number of steps
+
+
+def plan_steps(cfg: TrainConfig, step: int, elapsed_s: float, steps_timed: int, seq_len: int) -> int:
+    """How many steps in all fit the time budget, from the time the last `steps_timed` steps took.
+
+    Evaluations are counted in: a validation batch is a forward pass only, about a third of a
+    training token's cost. A 5% margin covers noise; the answer is at most `max_steps`.
+    """
+    if cfg.max_time_s is None or steps_timed <= 0:
+        return cfg.max_steps
+    per_step = elapsed_s / steps_timed
+    eval_tokens = (cfg.eval_batches or 64) * cfg.micro_batch_size * seq_len
+    per_step *= 1.0 + eval_tokens / (3.0 * cfg.tokens_per_step * cfg.eval_every)
+    remaining = cfg.max_time_s - elapsed_s
+    return max(step + 1, min(cfg.max_steps, step + int(0.95 * remaining / per_step)))
 
 
 def _out_of_time(max_time_s: float | None, t_start: float, world_size: int, device: torch.device) -> bool:
@@ -379,6 +407,7 @@ def _train(
     metrics_file = out_dir / "metrics.jsonl"
     loss_curve = out_dir / "loss_curve.png"
     start_step, tokens_seen, history = 0, 0, []
+    planned: int | None = None  # the steps the time budget allows, once measured (kept across a resume)
     found = find_checkpoint(ckpt_dir, need_state=True)
     reason = _compatible(read_config(found), model_cfg, cfg) if found else "no checkpoint"
     if found and reason is None:
@@ -389,6 +418,7 @@ def _train(
         train_data.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         start_step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        planned = state.get("planned_steps")
         if metrics_file.exists():
             history = [r for r in read_metrics(metrics_file) if r["step"] <= start_step]
     else:
@@ -433,6 +463,7 @@ def _train(
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": _rng_state(),
             "loader": train_data.state_dict(),
+            "planned_steps": planned,
         }
         meta = {
             **(extra_meta or {}),
@@ -445,7 +476,8 @@ def _train(
         save_checkpoint(ckpt_dir, raw_model, state, meta)
 
     log = open(metrics_file, "a") if master else None  # noqa: SIM115 - appended line by line, closed below
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not progress)
+    total = planned or cfg.max_steps
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=not progress)
     last: dict[str, float] = history[-1] if history else {}
     train_loss, val_loss = float(last.get("loss", math.nan)), float(last.get("val_loss", math.nan))
     for r in reversed(history):
@@ -457,9 +489,9 @@ def _train(
     t_start = time.perf_counter()
     model.train()
     try:
-        while step < cfg.max_steps and not _out_of_time(cfg.max_time_s, t_start, world_size, device):
+        while step < total and not _out_of_time(cfg.max_time_s, t_start, world_size, device):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = train_data.next_batch(cfg.micro_batch_size * accum)
@@ -496,7 +528,22 @@ def _train(
                 "flops_per_s": flops_per_token * tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak if peak else 0.0,
             }
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if planned is None and cfg.max_time_s is not None and step - start_step == CALIBRATION_STEPS:
+                planned = plan_steps(cfg, step, time.perf_counter() - t_start, step - start_step, seq_len)
+                if world_size > 1:  # rank 0's measurement decides for all
+                    shared = torch.tensor([planned], device=device)
+                    dist.broadcast(shared, src=0)
+                    planned = int(shared.item())
+                if planned < cfg.max_steps and master:
+                    tqdm.write(
+                        f"train: the time budget (max_time_s={cfg.max_time_s:g}) fits {planned} of max_steps="
+                        f"{cfg.max_steps} steps at the measured speed; the learning-rate schedule ends at step "
+                        f"{planned}"
+                    )
+                total = planned
+                bar.total = total
+                bar.refresh()
+            if step % cfg.eval_every == 0 or step == total:
                 val_loss, evaluated_at = evaluate(), step
                 metrics.update(val_metrics(val_loss))
             if master:
@@ -506,8 +553,11 @@ def _train(
                 log.flush()
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            if step % cfg.checkpoint_every == 0 and step < total:
                 checkpoint(step)
+        if step < total and master:
+            tqdm.write(f"train: warning: the time budget ran out at step {step} of the planned {total}; "
+                       "the learning rate had not finished decaying (raise train.max_time_s)")
         if evaluated_at != step:  # stopped early by the time budget: measure where it stopped
             val_loss = evaluate()
             if master:
@@ -538,6 +588,7 @@ def _train(
         loss_curve=loss_curve,
         metrics_file=metrics_file,
         num_params=raw_model.num_params(),
+        planned_steps=total,
     )
 
 

@@ -315,6 +315,7 @@ def run_train(
     outputs = [describe_file(stage_dir, p) for p in files if p.is_file()]
     metrics = {
         "steps": float(result.steps),
+        "planned_steps": float(result.planned_steps),
         "tokens_seen": float(result.tokens_seen),
         "train_loss": float(result.train_loss),
         "val_loss": float(result.val_loss),

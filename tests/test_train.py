@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from refinery.model.checkpoint import load_model, load_train_state
 from refinery.model.evaluate import unigram_loss
 from refinery.model.generate import compile_unavailable
-from refinery.model.train import TrainConfig, lr_at, train
+from refinery.model.train import TrainConfig, lr_at, plan_steps, train
 from refinery.storage.shards import TokenWindows, map_tokens, write_token_shard
 
 VOCAB = 64
@@ -240,3 +240,17 @@ def test_torchrun_set_parses_like_the_config_loader(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             main([*args, "--set", bad])
         assert exit_info.value.code == 2
+
+
+def test_a_time_budget_is_planned_into_the_schedule() -> None:
+    cfg = TrainConfig(max_steps=1000, max_time_s=100.0, warmup_steps=50, tokens_per_step=1024, micro_batch_size=4,
+                      eval_every=50, eval_batches=2)  # fmt: skip
+    # 5 steps took 1 s: about 0.2 s a step (plus evaluations), so about 470 of the 1000 steps fit.
+    planned = plan_steps(cfg, step=5, elapsed_s=1.0, steps_timed=5, seq_len=64)
+    assert 400 < planned < 480
+    assert plan_steps(cfg, step=5, elapsed_s=0.01, steps_timed=5, seq_len=64) == 1000  # plenty of time
+    assert plan_steps(cfg.model_copy(update={"max_time_s": None}), 5, 1.0, 5, 64) == 1000
+    # The planned schedule decays fully by its end, with a warm-up of at most a fifth of it.
+    assert lr_at(planned - 1, cfg, planned) == pytest.approx(cfg.min_lr, rel=1e-3)
+    assert lr_at(0, cfg, 100) == pytest.approx(cfg.lr / 20)
+    assert lr_at(999, cfg) == pytest.approx(cfg.min_lr, rel=1e-3)  # unplanned: max_steps, as before
