@@ -196,3 +196,14 @@ def test_a_changed_tokenizer_or_model_shape_is_refused_and_the_old_model_kept(sh
         train_stage(shards, stage, config(init_from="last", max_steps=2, n_layer=1), "inputs-2",
                     tokenizer_file=tokenizer)  # fmt: skip
     assert (stage / "checkpoint" / "model.safetensors").read_bytes() == weights  # refused before the reset
+
+
+def test_the_training_plan_states_the_data_and_warns_on_a_small_corpus() -> None:
+    from refinery.tasks.train import training_plan
+
+    cfg = TrainConfig(preset="cpu-small", max_steps=300, tokens_per_step=4096)
+    model_cfg = cfg.model_config_for(4096)
+    small = training_plan(cfg, model_cfg, 27_000)
+    assert "27,000 training tokens" in small.describe() and "45.5 epochs" in small.describe()
+    assert small.small_corpus and "smaller train.preset" in small.small_corpus
+    assert training_plan(cfg, model_cfg, 500_000).small_corpus is None
