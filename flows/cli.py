@@ -317,6 +317,24 @@ def inspect(
         _fail(f"{exc}\nviews: {', '.join(catalog.views)}")
 
 
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda.")
+]
+
+
+def _device(name: str) -> str:
+    """The torch device for `--device`, or a one-line error (an unknown name, cuda without a GPU)."""
+    if name not in ("auto", "cpu", "cuda"):
+        _fail(f"--device must be auto, cpu or cuda, not {name!r}")
+    from refinery.model.train import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except RuntimeError as exc:
+        _fail(f"--device {name}: {exc}")
+    raise AssertionError  # unreachable: _fail exits
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
@@ -335,6 +353,7 @@ def generate(
         typer.Option("--compile", help="Decode with a torch.compile'd static-shape step: seconds to compile, then faster per token (worth it from a few hundred tokens)."),
     ] = False,
     seed: int = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Generate text with a trained model, streaming tokens to the terminal (KV-cached decoding)."""
     configure_environment(root)
@@ -345,7 +364,7 @@ def generate(
     from refinery.storage.manifest import ManifestError
 
     try:
-        net, tok = load_for_serving(model, root=root, int8=int8)
+        net, tok = load_for_serving(model, root=root, int8=int8, device=_device(device))
     except (FileNotFoundError, ManifestError, CheckpointConfigError) as exc:  # damaged saved configs name the file
         _fail(str(exc))
     if compile and (reason := compile_unavailable(next(net.parameters()).device)):
@@ -385,13 +404,14 @@ def _warn(message: str) -> None:
 
 
 def _serve_http(root: Path, model: str | None, host: str, port: int, int8: bool, adapter: Path | None,
-                api_key_file: Path | None = None) -> None:  # fmt: skip
+                api_key_file: Path | None = None, device: str = "auto") -> None:  # fmt: skip
     """Load the model (a missing one is a one-line error, not a traceback), then serve until Ctrl-C."""
     configure_environment(root)
     from refinery.serving.server import run as run_server
 
     try:
-        run_server(model, host=host, port=port, int8=int8, root=root, adapter=adapter, api_key_file=api_key_file)
+        run_server(model, host=host, port=port, int8=int8, root=root, adapter=adapter, api_key_file=api_key_file,
+                   device=_device(device))
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
@@ -405,6 +425,7 @@ def serve(
     int8: Int8Opt = False,
     adapter: AdapterOpt = None,
     api_key_file: ApiKeyFileOpt = None,
+    device: DeviceOpt = "auto",
     # `refinery serve` used to be the schedule. Its options stay accepted, hidden, so that old
     # command lines keep working (with a warning) instead of silently starting an HTTP server.
     source: Annotated[list[str] | None, typer.Option("--source", "-s", hidden=True)] = None,
@@ -423,7 +444,7 @@ def serve(
               "`refinery serve` serves a model over HTTP. Running the schedule.")  # fmt: skip
         _run_schedule(source, root, cron or DEFAULT_CRON, interval, config, set_, name or DEFAULT_DEPLOYMENT)
         return
-    _serve_http(root, model, host, port, int8, adapter, api_key_file)
+    _serve_http(root, model, host, port, int8, adapter, api_key_file, device)
 
 
 @app.command("serve-model", hidden=True)
@@ -435,10 +456,11 @@ def serve_model(
     int8: Int8Opt = False,
     adapter: AdapterOpt = None,
     api_key_file: ApiKeyFileOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Deprecated name of `refinery serve`."""
     _warn("`refinery serve-model` is deprecated; use `refinery serve`")
-    _serve_http(root, model, host, port, int8, adapter, api_key_file)
+    _serve_http(root, model, host, port, int8, adapter, api_key_file, device)
 
 
 @app.command()

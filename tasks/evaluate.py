@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,9 @@ class EvalConfig(BaseModel):
     top_k: int | None = Field(50, ge=1)
     top_p: float | None = Field(0.95, gt=0.0, le=1.0)
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model is evaluated: a CUDA GPU when one is visible (auto), or the CPU"
+    )
     min_gain_over_unigram: float | None = Field(
         0.10, ge=0.0, lt=1.0,
         description="a model counts as useful when its validation loss is at least this fraction below the "
@@ -79,7 +83,9 @@ def run_eval(
     cfg: EvalConfig,
 ) -> StageResult:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(checkpoint.checkpoint_dir, device="cpu")
+    from refinery.model.train import resolve_device
+
+    model = load_model(checkpoint.checkpoint_dir, device=str(resolve_device(cfg.device)))
     seq_len = model.cfg.seq_len
     val_files = shards.val_files
     val = TokenWindows(val_files, seq_len=seq_len)

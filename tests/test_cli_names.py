@@ -86,3 +86,20 @@ def test_schedule_rejects_a_bad_cron_before_contacting_prefect(tmp_path: Path) -
     assert "is not a valid cron schedule" in result.stderr
     assert SCHEDULE_MOVED not in result.stderr
     assert "Prefect API" not in result.stdout
+
+
+def test_device_option_of_generate_and_serve() -> None:
+    import torch
+    from typer.testing import CliRunner
+
+    from refinery.flows.cli import _device, app
+
+    gpu = torch.cuda.is_available()
+    assert _device("cpu") == "cpu" and _device("auto") == ("cuda" if gpu else "cpu")
+    for command in ("generate", "serve"):
+        assert "--device" in CliRunner().invoke(app, [command, "--help"]).output
+    result = CliRunner().invoke(app, ["generate", "hi", "--device", "tpu"])
+    assert result.exit_code == 2 and "--device must be auto, cpu or cuda" in result.output
+    if not gpu:
+        result = CliRunner().invoke(app, ["generate", "hi", "--device", "cuda"])
+        assert result.exit_code == 2 and "no CUDA GPU is visible" in result.output
