@@ -67,6 +67,7 @@ def refinery_decisions(
     sections = {f: {"enabled": f in enabled} for f in ("language", "code", *FAMILIES)}
     sections["safety"] = {"enabled": False} if safety is None else safety
     sections["secrets"] = {"enabled": secrets}
+    sections["document_formats"] = []  # every document is judged as a web page, like datatrove judges it
     cfg = FilterConfig(**sections)
     t0 = time.perf_counter()
     reasons: list[str | None] = []

@@ -25,8 +25,8 @@ GOOD = (
 )
 
 
-def decide(text: str, family: str, fmt: str = "text", **limits) -> str | None:
-    """The drop reason for one document with only `family` enabled (and `limits` overriding its settings)."""
+def decide(text: str, family: str, fmt: str = "html", **limits) -> str | None:
+    """The drop reason for one web page with only `family` enabled (and `limits` overriding its settings)."""
     data = {f: {"enabled": f == family} for f in NAMES}
     data[family].update(limits)
     cfg = FilterConfig(**data)
@@ -147,7 +147,7 @@ def _good_signals() -> dict:
 def test_selection_boundaries(family, rule):
     """A value equal to its limit is kept; just beyond it is dropped under the rule's own code."""
     cfg = FilterConfig()
-    fmt = "code" if family == "code" else "text"
+    fmt = "code" if family == "code" else "html"  # the published thresholds: the web profile
     limit = getattr(getattr(cfg, family), rule.limit)
     cols = {k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in _good_signals().items()}
     if family == "code":
