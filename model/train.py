@@ -23,6 +23,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,10 @@ def peak_flops(device: torch.device) -> float:
     return 0.0
 
 
+# Keys added after the first release, left out of a config's serialization while at these defaults.
+LATER_DEFAULTS: dict[str, Any] = {"init_from": "scratch", "early_stop_patience": None, "early_stop_min_delta": 0.0}
+
+
 class TrainConfig(BaseModel):
     """Everything that shapes a run. Model-shape keys left None take the preset's value."""
 
@@ -124,6 +129,14 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(
         default=100, ge=1, description="steps between checkpoints (and one at the end)"
     )
+    early_stop_patience: int | None = Field(
+        default=None, ge=1,
+        description="stop after this many validation runs in a row without a new best (by more than "
+        "early_stop_min_delta), and report the best weights; None: no early stopping",
+    )
+    early_stop_min_delta: float = Field(
+        default=0.0, ge=0, description="how far (nats) a validation loss must fall below the best to count as one"
+    )
     seed: int = 0
     peak_flops: float | None = Field(
         default=None, gt=0, description="per-device peak FLOP/s for MFU; by GPU name when None"
@@ -151,12 +164,14 @@ class TrainConfig(BaseModel):
         )
 
     @model_serializer(mode="wrap")
-    def _omit_default_init(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave `init_from` out while it is `scratch`, so configs (and the config hash of every
-        train stage trained before the key existed) stay what they were; any other value is kept."""
+    def _omit_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave out keys added after the first release while they hold their defaults (`init_from`
+        `scratch`, no early stopping), so configs (and the config hash of every train stage trained
+        before the keys existed) stay what they were; any other value is kept."""
         data = handler(self)
-        if self.init_from == "scratch":
-            data.pop("init_from", None)
+        for key, default in LATER_DEFAULTS.items():
+            if getattr(self, key) == default:
+                data.pop(key, None)
         return data
 
     @field_validator("preset")
@@ -183,6 +198,9 @@ class TrainResult(BaseModel):
     metrics_file: Path
     num_params: int
     planned_steps: int = 0  # the schedule's length: max_steps, or what the time budget allows
+    best_val_loss: float = math.nan  # the lowest validation loss of the run, and the step it was measured at
+    best_step: int = 0
+    stopped_early: bool = False  # early stopping (`early_stop_patience`) ended the run
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -259,6 +277,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+BEST_DIR = "best"  # beside `checkpoint/`: the weights of the best validation loss, with early stopping on
 
 CALIBRATION_STEPS = 5  # steps timed before the time budget is turned into a planned number of steps
 
@@ -404,10 +424,13 @@ def _train(
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     ckpt_dir = out_dir / "checkpoint"
+    best_dir = out_dir / BEST_DIR
     metrics_file = out_dir / "metrics.jsonl"
     loss_curve = out_dir / "loss_curve.png"
     start_step, tokens_seen, history = 0, 0, []
     planned: int | None = None  # the steps the time budget allows, once measured (kept across a resume)
+    # Early stopping: the best validation loss so far, its step, the evaluations since (all kept across a resume).
+    best_val, best_step, evals_since_best, stopped_early = math.inf, 0, 0, False
     found = find_checkpoint(ckpt_dir, need_state=True)
     reason = _compatible(read_config(found), model_cfg, cfg) if found else "no checkpoint"
     if found and reason is None:
@@ -419,6 +442,11 @@ def _train(
         _set_rng_state(state["rng"])
         start_step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         planned = state.get("planned_steps")
+        best_val = float(state.get("best_val_loss", math.inf))
+        best_step = int(state.get("best_step", 0))
+        evals_since_best = int(state.get("evals_since_best", 0))
+        # A run that stopped early is finished, unless it is now resumed with early stopping off.
+        stopped_early = bool(state.get("stopped_early", False)) and cfg.early_stop_patience is not None
         if metrics_file.exists():
             history = [r for r in read_metrics(metrics_file) if r["step"] <= start_step]
     else:
@@ -428,6 +456,9 @@ def _train(
             load_weights(raw_model, Path(init_weights))  # continued training: warm start, fresh optimizer
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if start_step == 0:  # a fresh run: another run's best weights mean nothing here
+            for stale in (best_dir, best_dir.with_name(BEST_DIR + ".next"), best_dir.with_name(BEST_DIR + ".prev")):
+                shutil.rmtree(stale, ignore_errors=True)
         atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in history))
 
     model: torch.nn.Module = raw_model
@@ -453,6 +484,35 @@ def _train(
             return {"val_loss": loss, "val_bpb": loss / (bytes_per_token * math.log(2))}
         return {"val_loss": loss}
 
+    def checkpoint_meta(step: int) -> dict[str, Any]:
+        return {
+            **(extra_meta or {}),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "precision": precision,
+            "train_config": cfg.model_dump(),
+            "vocab_size": vocab_size,
+        }
+
+    def note_validation(step: int, loss: float) -> None:
+        """Keep the best validation loss (and, with early stopping on, its weights in `best/`)."""
+        nonlocal best_val, best_step, evals_since_best
+        if loss < best_val - cfg.early_stop_min_delta:
+            best_val, best_step, evals_since_best = loss, step, 0
+            if master and cfg.early_stop_patience is not None:
+                save_checkpoint(best_dir, raw_model, None, {**checkpoint_meta(step), "val_loss": loss})
+        else:
+            evals_since_best += 1
+
+    def should_stop() -> bool:
+        """Whether early stopping ends the run now; under DDP rank 0 decides for all."""
+        if cfg.early_stop_patience is None:
+            return False
+        stop = torch.tensor([float(evals_since_best >= cfg.early_stop_patience)], device=device)
+        if world_size > 1:
+            dist.broadcast(stop, src=0)
+        return bool(stop.item())
+
     def checkpoint(step: int) -> None:
         if not master:
             return
@@ -464,16 +524,12 @@ def _train(
             "rng": _rng_state(),
             "loader": train_data.state_dict(),
             "planned_steps": planned,
+            "best_val_loss": best_val,
+            "best_step": best_step,
+            "evals_since_best": evals_since_best,
+            "stopped_early": stopped_early,
         }
-        meta = {
-            **(extra_meta or {}),
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "precision": precision,
-            "train_config": cfg.model_dump(),
-            "vocab_size": vocab_size,
-        }
-        save_checkpoint(ckpt_dir, raw_model, state, meta)
+        save_checkpoint(ckpt_dir, raw_model, state, checkpoint_meta(step))
 
     log = open(metrics_file, "a") if master else None  # noqa: SIM115 - appended line by line, closed below
     total = planned or cfg.max_steps
@@ -489,7 +545,7 @@ def _train(
     t_start = time.perf_counter()
     model.train()
     try:
-        while step < total and not _out_of_time(cfg.max_time_s, t_start, world_size, device):
+        while step < total and not stopped_early and not _out_of_time(cfg.max_time_s, t_start, world_size, device):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, total)
             for group in optimizer.param_groups:
@@ -546,6 +602,8 @@ def _train(
             if step % cfg.eval_every == 0 or step == total:
                 val_loss, evaluated_at = evaluate(), step
                 metrics.update(val_metrics(val_loss))
+                note_validation(step, val_loss)
+                stopped_early = step < total and should_stop()
             if master:
                 if on_metrics is not None:
                     on_metrics(step, metrics)
@@ -553,13 +611,19 @@ def _train(
                 log.flush()
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 and step < total:
+            if step % cfg.checkpoint_every == 0 and step < total and not stopped_early:
                 checkpoint(step)
-        if step < total and master:
+        if stopped_early and step > start_step and master:
+            tqdm.write(
+                f"train: early stop at step {step} of {total}: {cfg.early_stop_patience} validation run(s) without "
+                f"a new best; the best validation loss, {best_val:.4f} at step {best_step}, is kept"
+            )
+        if step < total and not stopped_early and master:
             tqdm.write(f"train: warning: the time budget ran out at step {step} of the planned {total}; "
                        "the learning rate had not finished decaying (raise train.max_time_s)")
         if evaluated_at != step:  # stopped early by the time budget: measure where it stopped
             val_loss = evaluate()
+            note_validation(step, val_loss)
             if master:
                 extra = val_metrics(val_loss)
                 if on_metrics is not None:
@@ -576,6 +640,15 @@ def _train(
             metrics_file, loss_curve, title=f"{cfg.preset}, {raw_model.num_params() / 1e6:.1f}M parameters"
         )
     steady = rates[1:] or rates  # the first step pays for warm-up allocations
+    reported = ckpt_dir
+    if cfg.early_stop_patience is not None and best_step != step and best_val < val_loss:
+        found_best = find_checkpoint(best_dir)
+        saved_step = read_config(found_best).get("step") if found_best else None
+        if found_best is not None and saved_step == best_step:
+            reported = found_best
+        elif master:
+            tqdm.write(f"train: warning: the best weights (step {best_step}) are not in {best_dir} (found step "
+                       f"{saved_step}); reporting the final checkpoint instead")
     tps = sum(steady) / len(steady) if steady else 0.0
     return TrainResult(
         steps=step,
@@ -584,11 +657,14 @@ def _train(
         val_loss=val_loss,
         tokens_per_s=tps,
         mfu=flops_per_token * tps / peak if peak else 0.0,
-        checkpoint_dir=ckpt_dir,
+        checkpoint_dir=reported,
         loss_curve=loss_curve,
         metrics_file=metrics_file,
         num_params=raw_model.num_params(),
         planned_steps=total,
+        best_val_loss=best_val if best_val < math.inf else math.nan,
+        best_step=best_step,
+        stopped_early=stopped_early,
     )
 
 

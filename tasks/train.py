@@ -104,15 +104,21 @@ def _checkpoint_tokenizer(checkpoint: Path) -> tuple[str | None, Path | None]:
 
 
 def _last_source(stage_dir: Path) -> InitSource | None:
-    """The newest weights in the train folder: the previous run's checkpoint, else the weights it started from."""
-    checkpoint = find_checkpoint(stage_dir / "checkpoint")
+    """The newest weights in the train folder: the previous run's checkpoint, else the weights it started from.
+
+    The checkpoint is the one the previous run reported (`best/` when early stopping kept earlier weights),
+    else its last `checkpoint/`."""
+    completed = stage_dir / COMPLETED
+    reported = json.loads(completed.read_text()).get("checkpoint_dir") if completed.is_file() else None
+    checkpoint = (find_checkpoint(stage_dir / reported) if reported else None) or find_checkpoint(
+        stage_dir / "checkpoint"
+    )
     if checkpoint is not None:
         weights = file_sha256(checkpoint / WEIGHTS)
         record: dict[str, Any] = {
             "kind": "last", "path": str(checkpoint.relative_to(stage_dir)),
             "step": read_config(checkpoint).get("step"), "weights_sha256": weights,
         }  # fmt: skip
-        completed = stage_dir / COMPLETED
         if completed.is_file():
             done = json.loads(completed.read_text())
             if done.get("weights_sha256") == weights:
@@ -391,7 +397,10 @@ def run_train(
         "tokens_per_s": float(result.tokens_per_s),
         "mfu": float(result.mfu),
         "num_params": float(result.num_params),
+        "stopped_early": float(result.stopped_early),
     }
+    if result.best_val_loss == result.best_val_loss:  # not NaN: a run resumed from a state that predates it
+        metrics.update(best_val_loss=float(result.best_val_loss), best_step=float(result.best_step))
     extra = {
         "checkpoint_dir": str(checkpoint_dir.relative_to(stage_dir)),
         "loss_curve": str(Path(result.loss_curve).relative_to(stage_dir)),
@@ -400,7 +409,7 @@ def run_train(
     }
     counts = Counts(**{"in": shards.documents, "kept": shards.documents})
     weights = next((o.sha256 for o in outputs if o.path == str(checkpoint_dir.relative_to(stage_dir) / WEIGHTS)), "")
-    done = {"key": run_key, "weights_sha256": weights}
+    done = {"key": run_key, "weights_sha256": weights, "checkpoint_dir": extra["checkpoint_dir"]}
     if input_digest is not None and code_version is not None:
         done["output_digest"] = output_digest(outputs, counts, input_digest, code_version)
     atomic_write_json(stage_dir / COMPLETED, done)

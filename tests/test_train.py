@@ -254,3 +254,93 @@ def test_a_time_budget_is_planned_into_the_schedule() -> None:
     assert lr_at(planned - 1, cfg, planned) == pytest.approx(cfg.min_lr, rel=1e-3)
     assert lr_at(0, cfg, 100) == pytest.approx(cfg.lr / 20)
     assert lr_at(999, cfg) == pytest.approx(cfg.min_lr, rel=1e-3)  # unplanned: max_steps, as before
+
+
+def test_early_stopping_is_off_by_default_and_changes_nothing(shards, tmp_path):
+    cfg = config(max_steps=8, eval_every=1, lr=3e-2, min_lr=3e-2)
+    assert cfg.early_stop_patience is None and "early_stop_patience" not in cfg.model_dump()
+    result = run(cfg, shards, tmp_path / "out")
+    assert result.steps == 8 and not result.stopped_early
+    assert result.checkpoint_dir == tmp_path / "out" / "checkpoint" and not (tmp_path / "out" / "best").exists()
+    vals = [json.loads(line)["val_loss"] for line in result.metrics_file.read_text().splitlines()]
+    assert result.best_val_loss == min(vals) and result.best_step == 1 + vals.index(min(vals))
+
+
+def early_stop_config(**overrides) -> TrainConfig:
+    """A high constant learning rate with a validation run every step: the validation loss soon stops improving
+    (with this seed at step 13, after a best at step 12)."""
+    return config(**{"max_steps": 40, "lr": 1e-2, "min_lr": 1e-2, "eval_every": 1, "checkpoint_every": 4,
+                     "early_stop_patience": 1, **overrides})  # fmt: skip
+
+
+def test_early_stopping_stops_and_reports_the_best_weights(shards, tmp_path):
+    from refinery.model.evaluate import evaluate_loss
+
+    cfg = early_stop_config()
+    result = run(cfg, shards, tmp_path / "out")
+    assert result.stopped_early and result.steps < cfg.max_steps
+    rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    vals = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert result.best_val_loss == min(vals.values()) and vals[result.best_step] == result.best_val_loss
+    assert result.best_step == result.steps - 1  # patience 1: the first validation run without a new best stops it
+    assert vals[result.steps] >= result.best_val_loss
+    assert result.checkpoint_dir == tmp_path / "out" / "best"
+    assert json.loads((result.checkpoint_dir / "config.json").read_text())["step"] == result.best_step
+    model = load_model(result.checkpoint_dir)
+    val = TokenWindows([shards[1]], SEQ)
+    assert evaluate_loss(model, val, cfg.micro_batch_size, cfg.eval_batches) == pytest.approx(result.best_val_loss)
+    state = load_train_state(tmp_path / "out" / "checkpoint")  # the last step's state, for a resume
+    assert state["step"] == result.steps and state["stopped_early"] and state["best_step"] == result.best_step
+
+    again = run(cfg, shards, tmp_path / "out")  # a finished run is not trained further
+    assert (again.steps, again.checkpoint_dir, again.best_step) == (result.steps, result.checkpoint_dir, result.best_step)
+    assert losses(again.metrics_file) == losses(result.metrics_file)
+
+
+def test_early_stopping_resumes_after_sigkill_to_the_same_stop(shards, tmp_path):
+    # Validation every 2 steps, patience 2: with this seed the best is at step 12 and steps 14 and 16 miss it.
+    cfg = early_stop_config(lr=3e-2, min_lr=3e-2, eval_every=2, checkpoint_every=2, early_stop_patience=2)
+    reference = run(cfg, shards, tmp_path / "ref")
+    assert (reference.steps, reference.best_step) == (16, 12)
+
+    out = tmp_path / "killed"
+    proc = run_process(
+        [sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json(), str(shards[0]), str(shards[1]), str(out), "15"],
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    state = load_train_state(out / "checkpoint")  # killed with one validation run (step 14) since the best
+    assert (state["step"], state["best_step"], state["evals_since_best"]) == (14, 12, 1)
+
+    resumed = run(cfg, shards, out)
+    assert (resumed.steps, resumed.best_step, resumed.stopped_early) == (
+        reference.steps, reference.best_step, True
+    )  # fmt: skip
+    assert resumed.best_val_loss == reference.best_val_loss
+    assert losses(resumed.metrics_file) == losses(reference.metrics_file)
+    for name, p in load_model(reference.checkpoint_dir).state_dict().items():
+        torch.testing.assert_close(load_model(resumed.checkpoint_dir).state_dict()[name], p, rtol=0, atol=0)
+
+
+def test_the_train_stage_reports_the_best_weights_and_records_the_stop(shards, tmp_path):
+    from refinery.storage.outputs import Shards
+    from refinery.tasks.train import _last_source, run_train
+
+    train_path, val_path = shards
+    train_tokens, val_tokens = (int(np.concatenate(map_tokens([p])).size) for p in shards)
+    data = Shards(
+        stage="shards", dir=train_path.parent, digest="d", documents=120, train_files=[train_path],
+        val_files=[val_path], vocab_size=VOCAB, eot_id=VOCAB - 1, train_tokens=train_tokens, val_tokens=val_tokens,
+        train_bytes=0, val_bytes=0,
+    )  # fmt: skip
+    stage_dir = tmp_path / "train"
+    result = run_train(data, stage_dir, early_stop_config(), run_key="k", progress=False)
+    assert result.extra["checkpoint_dir"] == "best"
+    assert "best/model.safetensors" in {o.path for o in result.outputs}
+    assert result.metrics["stopped_early"] == 1.0 and result.metrics["best_step"] == result.metrics["steps"] - 1
+    assert result.metrics["best_val_loss"] < result.metrics["val_loss"]
+    assert _last_source(stage_dir).checkpoint == stage_dir / "best"  # init_from=last continues from the best weights
+
+    plain = run_train(data, tmp_path / "plain", config(max_steps=4), run_key="k", progress=False)
+    assert plain.extra["checkpoint_dir"] == "checkpoint" and plain.metrics["stopped_early"] == 0.0
+    assert plain.metrics["best_step"] == 4.0
