@@ -19,7 +19,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-import transformers
 from safetensors.torch import save_file
 
 from bench.common import record
@@ -39,6 +38,8 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    import transformers  # here, so `timed` imports without it
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: fp32 on a CPU, bf16 on a GPU")

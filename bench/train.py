@@ -21,7 +21,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-import transformers
 
 from bench.common import record
 from refinery.model.export import llama_config
@@ -30,6 +29,8 @@ from refinery.model.train import peak_flops
 
 
 def hf_twin(model: GPT) -> torch.nn.Module:
+    import transformers  # here, so the helpers of this module import without it
+
     cfg = transformers.LlamaConfig(**{k: v for k, v in llama_config(model, None, None).items() if k != "architectures"})
     cfg._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(cfg)
