@@ -258,7 +258,7 @@ def _prepare_init(
 
 TOKENS_PER_PARAM = 20.0  # the compute-optimal ratio of Hoffmann et al. (2022), "Chinchilla"
 # Below this many tokens per parameter the run warns before training. A heuristic, far under the
-# compute-optimal ratio on purpose: the bundled sample (about 0.2) still trains a model 17% below the
+# compute-optimal ratio on purpose: the bundled sample (about 0.2) still trains a model 15% below the
 # unigram baseline. What decides is eval's baseline check (`eval.min_gain_over_unigram`).
 SMALL_CORPUS_TOKENS_PER_PARAM = 0.05
 
