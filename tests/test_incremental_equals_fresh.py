@@ -28,14 +28,13 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from stage_runner import run_stages
 
 from refinery.flows.config import validate_config
-from refinery.flows.graph import Graph, StageCall, input_digest, staleness
+from refinery.flows.graph import Graph, input_digest, staleness
 from refinery.flows.stages import PIPELINE
-from refinery.storage.atomic import sweep_temporaries
 from refinery.storage.documents import document_files, read_table
-from refinery.storage.layout import RunLayout
-from refinery.storage.manifest import MANIFEST_NAME, build_manifest, read_manifest, write_manifest
+from refinery.storage.manifest import read_manifest
 
 STAGES = ("ingest", "dedup", "filter")
 EXAMPLES = int(os.environ.get("REFINERY_STATEFUL_EXAMPLES", "5"))
@@ -73,32 +72,8 @@ def outcome(root: Path) -> dict[str, Any]:
 
 
 def run(root: Path, sources: list[str], cfg: Any, graph: Graph = PIPELINE, ran: list[str] | None = None) -> dict[str, Any]:
-    """Ingest, dedup and filter as the flow runs them: a stage `staleness` finds current is skipped."""
-    layout = RunLayout.at(root)
-    layout.create(graph.names)
-    outputs: dict[str, Any] = {}
-    for stage in graph.stages:
-        if stage.name not in STAGES:
-            continue
-        section = getattr(cfg, stage.name)
-        inputs = {i: outputs[i] for i in stage.inputs}
-        if stage.reads_sources is not None:
-            digest = stage.reads_sources(sources, section)
-        else:
-            digest = input_digest(stage, {i: o.digest for i, o in inputs.items()})
-        stage_dir = layout.stage_dir(stage.name)
-        previous = read_manifest(stage_dir)
-        if previous is not None and not staleness(stage, stage_dir, previous, digest, section):
-            outputs[stage.name] = stage.output.from_manifest(stage_dir, previous)
-            continue
-        if ran is not None:
-            ran.append(stage.name)
-        (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)
-        sweep_temporaries(stage_dir)
-        result = stage.run(StageCall(stage_dir, section, inputs, digest, sources, progress=False))
-        manifest = build_manifest(stage.name, section, digest, result, {"total": 0.0}, code_version=stage.code_version)
-        write_manifest(stage_dir, manifest)
-        outputs[stage.name] = stage.output.from_manifest(stage_dir, manifest)
+    """Ingest, dedup and filter as the flow runs them (a current stage is skipped); what they kept and dropped."""
+    run_stages(root, sources, cfg, STAGES, graph, ran)
     return outcome(root)
 
 

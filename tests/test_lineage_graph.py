@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stage_runner import run_stages
 
 from refinery.flows.config import validate_config
-from refinery.flows.graph import StageCall, input_digest
 from refinery.flows.lineage_graph import (
     IMAGE_NAME,
     MERMAID_NAME,
@@ -28,7 +28,7 @@ from refinery.flows.lineage_graph import (
 )
 from refinery.flows.stages import PIPELINE
 from refinery.storage.layout import RunLayout
-from refinery.storage.manifest import build_manifest, read_manifest, write_manifest
+from refinery.storage.manifest import read_manifest
 
 STAGES = PIPELINE.names
 
@@ -66,23 +66,7 @@ def write_corpus(root: Path) -> list[str]:
 
 def run_chain(root: Path, sources: list[str], cfg: Any, stages: tuple[str, ...] = STAGES) -> None:
     """What `refinery run` does per stage, minus Prefect: the declared stage functions, manifests written last."""
-    layout = RunLayout.at(root)
-    layout.create(PIPELINE.names)
-    outputs: dict[str, Any] = {}
-    for stage in PIPELINE.stages:
-        if stage.name not in stages:
-            continue
-        section = getattr(cfg, stage.name)
-        inputs = {i: outputs.get(i) or PIPELINE[i].output.read(layout.stage_dir(i)) for i in stage.inputs}
-        if stage.reads_sources is not None:
-            digest = stage.reads_sources(sources, section)
-        else:
-            digest = input_digest(stage, {i: o.digest for i, o in inputs.items()})
-        stage_dir = layout.stage_dir(stage.name)
-        result = stage.run(StageCall(stage_dir, section, inputs, digest, sources, progress=False))
-        manifest = build_manifest(stage.name, section, digest, result, {"total": 0.0}, code_version=stage.code_version)
-        write_manifest(stage_dir, manifest)
-        outputs[stage.name] = stage.output.from_manifest(stage_dir, manifest)
+    run_stages(root, sources, cfg, stages)
 
 
 def record_in_mlflow(root: Path, sources: list[str]) -> None:
