@@ -58,7 +58,7 @@ from refinery.tasks.quality import FAMILIES, RuleFamily, compute_signals
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
-SIGNALS_VERSION = 1
+SIGNALS_VERSION = 2  # 2: words as str.split() gives them (no empty token at either end)
 CHART = "drop_reasons.png"
 
 

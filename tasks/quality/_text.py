@@ -32,11 +32,23 @@ class Words:
 
     @classmethod
     def split(cls, texts: pa.Array) -> Words:
+        """Split on Unicode whitespace like Python's `str.split()`: leading or trailing whitespace makes no word.
+
+        Arrow's kernel yields an empty token for whitespace at either end of a text; those are removed here, so
+        a document's word count does not depend on whether it ends with a newline.
+        """
         lists = pc.utf8_split_whitespace(texts)
         offsets = lists.offsets.to_numpy().astype(np.int64)
         offsets -= offsets[0]
-        counts = np.diff(offsets)
-        return cls(lists.flatten(), np.repeat(np.arange(len(texts)), counts), counts, offsets, len(texts))
+        doc = np.repeat(np.arange(len(texts)), np.diff(offsets))
+        tokens = lists.flatten()
+        nonempty = pc.greater(pc.binary_length(tokens), 0).to_numpy(zero_copy_only=False)
+        if not nonempty.all():
+            tokens = tokens.filter(pa.array(nonempty))
+            doc = doc[nonempty]
+        counts = np.bincount(doc, minlength=len(texts)).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(tokens, doc, counts, offsets, len(texts))
 
     def per_doc_sum(self, values: np.ndarray) -> np.ndarray:
         return np.bincount(self.doc, weights=values, minlength=self.n_docs)
