@@ -9,6 +9,9 @@ each row also gives MFU against the GPU's bf16 dense peak.
 
 `--compile` adds rows with both models through `torch.compile` (the GPU goal compares ours
 compiled with transformers eager; the compiled transformers row keeps that comparison honest).
+
+Below the table, what `precision: auto` decides for these shapes on this machine (measured
+afresh, not from the cache) and whether it is the faster of the bf16 and fp32 rows above.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from bench.common import record
 from refinery.model.export import llama_config
 from refinery.model.gpt import GPT, config_from_preset
+from refinery.model.precision import PrecisionProbe, decide_precision
 from refinery.model.train import peak_flops
 
 
@@ -87,6 +91,19 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, precision: str, ours: boo
     return step
 
 
+def auto_line(model: GPT, batch: int, seq_len: int, device: torch.device, tps: dict[str, float]) -> str:
+    """What `precision: auto` picks for these shapes here (measured now), checked against the measured steps."""
+    choice = decide_precision("auto", device, PrecisionProbe.for_model(model.cfg, batch, seq_len), use_cache=False)
+    probe = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(choice.timings_s.items()))
+    line = f"`precision: auto` chose **{choice.precision}** ({choice.source}{'; one-block pass: ' + probe if probe else ''})"
+    if len(tps) < 2:
+        return line + "."
+    faster = max(tps, key=tps.get)
+    ratio = tps["bf16"] / tps["fp32"]
+    verdict = "the faster one" if choice.precision == faster else f"NOT the faster one ({faster} is)"
+    return f"{line}: {verdict}; Refinery bf16/fp32 step speed here {ratio:.2f}x."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
@@ -127,12 +144,14 @@ def main() -> None:
         return f"| {label} | {r:,.0f} | {h:,.0f} | {r / h:.2f}x{mfu} |"
 
     rows = []
+    ours_tps: dict[str, float] = {}
     for precision in precisions:
         steps = {"ours": make_step(ours, x, precision, True), "hf": make_step(hf, x, precision, False)}
         if args.compile:
             steps["ours compiled"] = make_step(torch.compile(ours), x, precision, True)
             steps["hf compiled"] = make_step(torch.compile(hf), x, precision, False)
         best = best_of(steps, n, args.steps, args.repeat, device)
+        ours_tps[precision] = best["ours"]
         rows.append(row(precision, best["ours"], best["hf"]))
         if args.compile:
             rows.append(row(f"{precision}, ours compiled vs transformers eager", best["ours compiled"], best["hf"]))
@@ -147,6 +166,8 @@ def main() -> None:
             f"| precision | Refinery tokens/s | transformers Llama tokens/s | ratio{mfu_head} |",
             "|---|---|---|---|" + ("---|---|" if peak else ""),
             *rows,
+            "",
+            auto_line(ours, batch, seq_len, device, ours_tps),
         ]
     )
     print(table)

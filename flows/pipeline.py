@@ -374,6 +374,8 @@ def _run_pipeline(
                 "kept": manifest.counts.kept,
                 "dropped": manifest.counts.dropped,
                 "metrics": manifest.metrics,
+                # what a stage resolved at run time (the precision it measured, the tokens the model saw)
+                **{k: manifest.extra[k] for k in ("precision", "tokens_seen_by_format") if k in manifest.extra},
             }
             readers = [r for r in selected if name in graph[r].inputs]
             if isinstance(outputs[name], Documents) and outputs[name].documents == 0 and readers:

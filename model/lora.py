@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from refinery.model.evaluate import evaluate_loss
+from refinery.model.precision import PrecisionProbe
 from refinery.model.train import lr_at, resolve_device, resolve_precision
 from refinery.storage.atomic import atomic_path, atomic_write_json, atomic_write_text
 from refinery.storage.shards import TokenWindows
@@ -293,7 +294,9 @@ def train_lora(
                 f"build TokenWindows with seq_len<={seq_len}"
             )
     device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
+    # `auto` on a CPU times the base model's own shapes (a full backward: close enough to rank the precisions).
+    probe = PrecisionProbe.for_model(model.cfg, tc.micro_batch_size, train_data.seq_len) if hasattr(model, "cfg") else None
+    precision = resolve_precision(tc.precision, device, probe)
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     torch.manual_seed(tc.seed)
     model.to(device)

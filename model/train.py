@@ -13,6 +13,12 @@ Run under `torchrun` for several processes (gloo on CPU, NCCL on GPU):
         --val 'shards/val-*.arrow' --vocab-size 8192 --out train/
 
 Only rank 0 writes checkpoints, metrics and the plot.
+
+`precision: auto` is bf16 on a GPU that has it; on a CPU it is whichever of bf16
+autocast and fp32 runs a one-block copy of the model faster, measured at start-up
+and cached per machine (`refinery.model.precision`). A `MixtureWindows` loader
+(`refinery.storage.mixture`) draws by `mixture` and counts the tokens served; the
+counts go to `tokens_seen_by_format.json` and the result.
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ from refinery.model.checkpoint import (
 from refinery.model.evaluate import evaluate_loss
 from refinery.model.gpt import GPT, PRESETS, GPTConfig, config_from_preset
 from refinery.model.plots import plot_loss_curve, read_metrics
+from refinery.model.precision import Measure, PrecisionChoice, PrecisionProbe, decide_precision
 from refinery.storage.atomic import atomic_write_text
+from refinery.storage.mixture import MixtureWindows, write_tokens_seen
 from refinery.storage.shards import TokenWindows
 
 # Dense bf16 tensor-core peaks (FLOP/s) by GPU name, for MFU. Matched as substrings of
@@ -89,7 +97,9 @@ def peak_flops(device: torch.device) -> float:
 
 
 # Keys added after the first release, left out of a config's serialization while at these defaults.
-LATER_DEFAULTS: dict[str, Any] = {"init_from": "scratch", "early_stop_patience": None, "early_stop_min_delta": 0.0}
+LATER_DEFAULTS: dict[str, Any] = {
+    "init_from": "scratch", "early_stop_patience": None, "early_stop_min_delta": 0.0, "mixture": {}, "nproc": 1,
+}
 
 
 class TrainConfig(BaseModel):
@@ -154,6 +164,24 @@ class TrainConfig(BaseModel):
         "models:/NAME/VERSION (or models:/NAME/latest); same model shape and tokenizer required",
     )
 
+    mixture: dict[str, float] = Field(
+        default_factory=dict,
+        description="sampling weights of the training windows by document format or source-file glob, e.g. "
+        "{code: 1, '*': 3}: each pattern's share of the windows (a document takes the first pattern matching "
+        "its format or source); empty: the corpus' natural proportions",
+    )
+    nproc: int = Field(
+        default=1, ge=1, le=1024,
+        description="processes the train stage launches with torchrun (DDP): one per GPU, or gloo processes on CPU",
+    )
+
+    @field_validator("mixture")
+    @classmethod
+    def _valid_mixture(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in value.values()) or (value and not any(w > 0 for w in value.values())):
+            raise ValueError(f"mixture weights must be >= 0 with at least one > 0, got {value}")
+        return value
+
     @field_validator("init_from")
     @classmethod
     def _known_init(cls, value: str) -> str:
@@ -201,6 +229,10 @@ class TrainResult(BaseModel):
     best_val_loss: float = math.nan  # the lowest validation loss of the run, and the step it was measured at
     best_step: int = 0
     stopped_early: bool = False  # early stopping (`early_stop_patience`) ended the run
+    precision: str = ""  # what the run trained in (`precision: auto` resolved)
+    precision_source: str = ""  # explicit, cuda, measured, cached or heuristic
+    precision_timings_s: dict[str, float] = {}  # the measurement `auto` decided by, when it measured
+    tokens_seen_by: dict[str, Any] = {}  # the loader's counts (a MixtureWindows loader), else empty
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -233,10 +265,11 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has AMX tiles for bf16 matmuls (`amx_bf16`, Sapphire Rapids and later).
 
-    Without AMX, bf16 training is slower than fp32 on a CPU: emulated on AVX2 (measured
-    ~0.3 GFLOP/s against ~21 in fp32 on one core), and even with AVX512-BF16 dot products
-    a `cpu-small` training step ran at 0.56x its fp32 speed (4,876 against 8,766 tokens/s
-    on two Xeon cores), its matmuls and attention backward both slower in bf16.
+    Only the guess `precision: auto` falls back on when it has no shapes to time
+    (`refinery.model.precision` measures otherwise). Without AMX, bf16 training was
+    slower than fp32 on the CPUs measured: emulated on AVX2 (~0.3 GFLOP/s against ~21
+    in fp32 on one core), and even with AVX512-BF16 dot products a `cpu-small` step ran
+    at 0.56x its fp32 speed (4,876 against 8,766 tokens/s on two Xeon cores).
     """
     if cpuinfo is None:
         try:
@@ -246,16 +279,13 @@ def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     return "amx_bf16" in cpuinfo.split()
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto': bf16 on GPUs that have it, else fp16 with a gradient scaler; on CPU bf16
-    autocast only where the CPU has AMX bf16 tiles, else fp32."""
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise ValueError("precision='fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+def resolve_precision(
+    precision: str, device: torch.device, probe: PrecisionProbe | None = None, measure: Measure | None = None
+) -> str:
+    """'auto': bf16 on GPUs that have it, else fp16 with a gradient scaler; on a CPU the faster of
+    bf16 autocast and fp32 for `probe`'s shapes, measured once per machine (`refinery.model.precision`),
+    or, without a probe, bf16 only where the CPU has AMX bf16 tiles. Explicit settings are kept."""
+    return decide_precision(precision, device, probe, measure).precision
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -313,10 +343,30 @@ def _compatible(saved: dict[str, Any], model_cfg: GPTConfig, cfg: TrainConfig) -
     if saved.get("model") != model_cfg.model_dump():
         return "the model shape differs"
     train_cfg = saved.get("train_config", {})
-    for key in ("tokens_per_step", "seed", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay"):
-        if train_cfg.get(key) != getattr(cfg, key):
-            return f"{key} differs ({train_cfg.get(key)} saved, {getattr(cfg, key)} now)"
+    for key in ("tokens_per_step", "seed", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "mixture"):
+        saved_value = train_cfg.get(key, LATER_DEFAULTS.get(key))
+        if saved_value != getattr(cfg, key):
+            return f"{key} differs ({saved_value} saved, {getattr(cfg, key)} now)"
     return None
+
+
+def agreed_precision(
+    cfg: TrainConfig, device: torch.device, model_cfg: GPTConfig, world_size: int, master: bool
+) -> PrecisionChoice:
+    """The run's precision; under DDP on CPU rank 0 measures alone (the others wait) and its choice holds for all."""
+    probe = PrecisionProbe.for_model(model_cfg, cfg.micro_batch_size)
+    if world_size == 1 or cfg.precision != "auto" or device.type == "cuda":
+        return decide_precision(cfg.precision, device, probe)
+    choice = decide_precision(cfg.precision, device, probe) if master else None
+    shared = torch.zeros(3, dtype=torch.float64)
+    if choice is not None:
+        shared[0] = float(choice.precision == "bf16")
+        shared[1:] = torch.tensor([choice.timings_s.get("bf16", math.nan), choice.timings_s.get("fp32", math.nan)])
+    dist.broadcast(shared, src=0)
+    if choice is not None:
+        return choice
+    timings = {"bf16": float(shared[1]), "fp32": float(shared[2])}
+    return PrecisionChoice("bf16" if shared[0] else "fp32", "rank 0", {k: v for k, v in timings.items() if v == v})
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -390,8 +440,11 @@ def _train(
 ) -> TrainResult:
     master = rank == 0
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     model_cfg = cfg.model_config_for(vocab_size)
+    choice = agreed_precision(cfg, device, model_cfg, world_size, master)
+    precision = choice.precision
+    if master and choice.timings_s:
+        tqdm.write(f"train: {choice.describe()}")
     seq_len = model_cfg.seq_len
     for name, data in (("train", train_data), ("val", val_data)):
         if data.seq_len != seq_len:
@@ -631,6 +684,8 @@ def _train(
                 log.write(json.dumps({"step": step, **extra}) + "\n")
         if step > start_step or not found:
             checkpoint(step)
+        if master and isinstance(train_data, MixtureWindows):
+            write_tokens_seen(out_dir, train_data.tokens_seen())
     finally:
         bar.close()
         if log is not None:
@@ -665,10 +720,16 @@ def _train(
         best_val_loss=best_val if best_val < math.inf else math.nan,
         best_step=best_step,
         stopped_early=stopped_early,
+        precision=precision,
+        precision_source=choice.source,
+        precision_timings_s=choice.timings_s,
+        tokens_seen_by=train_data.tokens_seen() if isinstance(train_data, MixtureWindows) else {},
     )
 
 
 # ----------------------------------------------------------------------------- command line (torchrun)
+
+METRICS_PREFIX = "refinery-metrics "  # `--report-metrics` lines: the prefix, the step, the metrics as JSON
 
 
 def config_from_args(config: Path | None, overrides: list[str]) -> TrainConfig:
@@ -713,6 +774,17 @@ def main(argv: list[str] | None = None) -> None:
         help="override one TrainConfig key; the value parses as YAML (3e-4, true, null)",
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--stats", type=Path,
+        help="the shards stage's stats.parquet (document formats and sources, for train.mixture and the count "
+        "of tokens seen); default: beside the first train shard",
+    )  # fmt: skip
+    parser.add_argument("--init-weights", type=Path, help="checkpoint folder to warm-start from (continued training)")
+    parser.add_argument("--meta", default="{}", help="JSON object added to every checkpoint's config.json")
+    parser.add_argument(
+        "--report-metrics", action="store_true",
+        help=f"print each step's metrics on stdout as '{METRICS_PREFIX}STEP JSON' lines (for a parent process)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     try:
@@ -729,11 +801,22 @@ def main(argv: list[str] | None = None) -> None:
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     seq_len = cfg.model_config_for(args.vocab_size).seq_len
-    train_data = TokenWindows(expand(args.train), seq_len, seed=cfg.seed, rank=rank, world_size=world_size)
+    train_data = MixtureWindows(
+        expand(args.train), seq_len, seed=cfg.seed, rank=rank, world_size=world_size, mixture=cfg.mixture,
+        stats_file=args.stats,
+    )  # fmt: skip
     val_data = TokenWindows(expand(args.val), seq_len, seed=cfg.seed)
-    result = train(cfg, args.vocab_size, train_data, val_data, args.out, progress=not args.no_progress)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        print(f"{METRICS_PREFIX}{step} {json.dumps(metrics)}", flush=True)
+
+    result = train(
+        cfg, args.vocab_size, train_data, val_data, args.out, progress=not args.no_progress,
+        on_metrics=report if args.report_metrics else None, init_weights=args.init_weights,
+        meta=json.loads(args.meta),
+    )  # fmt: skip
     if rank == 0:
-        print(result.model_dump_json())
+        print(result.model_dump_json(), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 
 The checkpoint folder (safetensors weights + JSON config) and the tokenizer
 travel as artifacts; nothing is pickled but this small wrapper class.
+
+The model loads on a CUDA GPU when one is visible, else on the CPU, like
+`refinery generate --device auto`. To choose, pass
+`mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})` (or `cuda`, or
+`auto`), or set `REFINERY_DEVICE` in the loading process; `model_config` wins.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,18 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+DEVICE_ENV = "REFINERY_DEVICE"  # auto, cpu or cuda: where a loaded pyfunc model runs (model_config wins)
+
+
+def pyfunc_device(model_config: dict[str, Any] | None) -> str:
+    """The torch device for a loaded model: `model_config["device"]`, else `$REFINERY_DEVICE`, else auto."""
+    from refinery.model.train import resolve_device
+
+    name = str((model_config or {}).get("device") or os.environ.get(DEVICE_ENV) or "auto").strip().lower()
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda (model_config['device'] or ${DEVICE_ENV}), not {name!r}")
+    return str(resolve_device(name))
+
 
 class RefineryLM(PythonModel):
     """Generates a completion for each prompt (greedy unless `temperature` is given in params)."""
@@ -25,7 +43,8 @@ class RefineryLM(PythonModel):
 
         from refinery.model.checkpoint import load_model
 
-        self.model = load_model(Path(context.artifacts["checkpoint"]), device="cpu")
+        self.device = pyfunc_device(getattr(context, "model_config", None))
+        self.model = load_model(Path(context.artifacts["checkpoint"]), device=self.device)
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
         self.eot_id = self.tokenizer.token_to_id("<|endoftext|>")
 

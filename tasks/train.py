@@ -15,12 +15,26 @@ The starting weights are copied to `init/` (with `init/init_from.json`, what the
 are) before the folder is reset for the new run, so a run killed before its first
 checkpoint resumes from them too. The optimizer and the LR schedule (warm-up, then
 cosine over `max_steps`) start afresh for the new steps.
+
+Data mixture (`train.mixture`): the training windows are drawn by weights per
+document format or source-file pattern (`refinery.storage.mixture`), from the
+formats and sources the shards stage records in `stats.parquet`. Whatever the
+mixture, the tokens the model actually saw are counted per format and source
+and written to `tokens_seen_by_format.json`, logged as `tokens_seen.format.*`
+metrics and kept in the manifest.
+
+Several processes (`train.nproc`): the stage launches `torchrun --standalone
+--nproc_per_node N -m refinery.model.train` (DDP: one process per GPU, or gloo
+processes on a CPU), streams rank 0's metrics back as they come, and records the
+result like a one-process run's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -31,7 +45,7 @@ from typing import Any
 
 from refinery.model.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, find_checkpoint, read_config
 from refinery.model.gpt import GPTConfig
-from refinery.model.train import TrainConfig, train
+from refinery.model.train import METRICS_PREFIX, TrainConfig, TrainResult, train
 from refinery.storage.atomic import atomic_write_json
 from refinery.storage.manifest import (
     Counts,
@@ -41,7 +55,9 @@ from refinery.storage.manifest import (
     output_digest,
     stable_hash,
 )
+from refinery.storage.mixture import TOKENS_SEEN_FILE, MixtureWindows
 from refinery.storage.outputs import Shards
+from refinery.storage.shard_stats import STATS_FILE
 from refinery.storage.shards import TokenWindows
 
 RUN_KEY = "run_key.json"
@@ -365,24 +381,34 @@ def run_train(
         warnings.warn(plan.small_corpus, stacklevel=2)
 
     seq_len = model_cfg.seq_len
-    train_data = TokenWindows(shards.train_files, seq_len=seq_len, seed=cfg.seed)
-    val_data = TokenWindows(shards.val_files, seq_len=seq_len, seed=cfg.seed)
-    result = train(
-        cfg,
-        vocab_size=vocab_size,
-        train_data=train_data,
-        val_data=val_data,
-        out_dir=stage_dir,
-        on_metrics=on_metrics,
-        progress=progress,
-        init_weights=init_weights,
-        meta={**meta, "init_from": record},
-    )
+    stats_file = shards.dir / STATS_FILE
+    meta = {**meta, "init_from": record}
+    if cfg.nproc > 1:
+        result = train_torchrun(
+            cfg, shards.train_files, shards.val_files, vocab_size, stage_dir, stats_file=stats_file,
+            on_metrics=on_metrics, progress=progress, init_weights=init_weights, meta=meta,
+        )  # fmt: skip
+    else:
+        train_data = MixtureWindows(
+            shards.train_files, seq_len=seq_len, seed=cfg.seed, mixture=cfg.mixture, stats_file=stats_file
+        )
+        val_data = TokenWindows(shards.val_files, seq_len=seq_len, seed=cfg.seed)
+        result = train(
+            cfg,
+            vocab_size=vocab_size,
+            train_data=train_data,
+            val_data=val_data,
+            out_dir=stage_dir,
+            on_metrics=on_metrics,
+            progress=progress,
+            init_weights=init_weights,
+            meta=meta,
+        )
     checkpoint_dir = Path(result.checkpoint_dir)
     if tokenizer_file is not None and checkpoint_dir.is_dir():
         shutil.copyfile(tokenizer_file, checkpoint_dir / TOKENIZER)
     files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file())
-    files += [Path(result.metrics_file), Path(result.loss_curve)]
+    files += [Path(result.metrics_file), Path(result.loss_curve), stage_dir / TOKENS_SEEN_FILE]
     outputs = [describe_file(stage_dir, p) for p in files if p.is_file()]
     metrics = {
         "steps": float(result.steps),
@@ -401,12 +427,22 @@ def run_train(
     }
     if result.best_val_loss == result.best_val_loss:  # not NaN: a run resumed from a state that predates it
         metrics.update(best_val_loss=float(result.best_val_loss), best_step=float(result.best_step))
+    metrics.update({f"precision.{k}_ms": 1e3 * v for k, v in result.precision_timings_s.items()})
+    seen = result.tokens_seen_by
+    metrics.update({f"tokens_seen.format.{k}": float(v) for k, v in seen.get("by_format", {}).items()})
     extra = {
         "checkpoint_dir": str(checkpoint_dir.relative_to(stage_dir)),
         "loss_curve": str(Path(result.loss_curve).relative_to(stage_dir)),
         "metrics_file": str(Path(result.metrics_file).relative_to(stage_dir)),
         "init_from": record,
-    }
+        "precision": {"precision": result.precision, "source": result.precision_source,
+                      "timings_s": result.precision_timings_s},
+        "tokens_seen_by_format": seen.get("by_format", {}),
+        "mixture": cfg.mixture,
+        "nproc": cfg.nproc,
+    }  # fmt: skip
+    if seen:
+        print(f"train: tokens seen by format: {json.dumps(seen.get('by_format', {}))}", file=sys.stderr, flush=True)
     counts = Counts(**{"in": shards.documents, "kept": shards.documents})
     weights = next((o.sha256 for o in outputs if o.path == str(checkpoint_dir.relative_to(stage_dir) / WEIGHTS)), "")
     done = {"key": run_key, "weights_sha256": weights, "checkpoint_dir": extra["checkpoint_dir"]}
@@ -414,3 +450,79 @@ def run_train(
         done["output_digest"] = output_digest(outputs, counts, input_digest, code_version)
     atomic_write_json(stage_dir / COMPLETED, done)
     return StageResult(outputs=outputs, counts=counts, metrics=metrics, extra=extra)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def check_nproc(cfg: TrainConfig) -> str:
+    """The device family N processes run on, or a ValueError that says what fits this machine."""
+    import torch
+
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        gpus = torch.cuda.device_count()
+        if cfg.nproc > gpus:
+            raise ValueError(
+                f"train.nproc={cfg.nproc} needs {cfg.nproc} GPUs, and {gpus} are visible; set train.nproc<={gpus}, "
+                "or train.device=cpu for gloo processes on the CPU"
+            )
+        return "cuda"
+    return "cpu"
+
+
+def train_torchrun(
+    cfg: TrainConfig,
+    train_files: list[Path],
+    val_files: list[Path],
+    vocab_size: int,
+    out_dir: Path,
+    stats_file: Path | None = None,
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+    init_weights: Path | None = None,
+    meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train in `cfg.nproc` processes under `torchrun --standalone` and return rank 0's result.
+
+    Rank 0's per-step metrics come back on its stdout (`--report-metrics`) and reach
+    `on_metrics` as they are logged, as in a one-process run. On a CPU each process gets
+    an equal share of the cores (`OMP_NUM_THREADS`, unless set).
+    """
+    family = check_nproc(cfg)
+    env = dict(os.environ)
+    if family == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
+    with tempfile.TemporaryDirectory(prefix="refinery-torchrun-") as tmp:
+        config_file = Path(tmp) / "train.json"
+        config_file.write_text(cfg.model_dump_json(), encoding="utf-8")
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+            "-m", "refinery.model.train", "--train", *map(str, train_files), "--val", *map(str, val_files),
+            "--vocab-size", str(vocab_size), "--out", str(out_dir), "--config", str(config_file),
+            "--meta", json.dumps(meta or {}), "--report-metrics",
+        ]  # fmt: skip
+        if stats_file is not None:
+            cmd += ["--stats", str(stats_file)]
+        if init_weights is not None:
+            cmd += ["--init-weights", str(init_weights)]
+        if not progress:
+            cmd.append("--no-progress")
+        result: TrainResult | None = None
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(METRICS_PREFIX):
+                    step, _, payload = line[len(METRICS_PREFIX):].partition(" ")
+                    if on_metrics is not None:
+                        on_metrics(int(step), json.loads(payload))
+                elif line.startswith("{") and '"checkpoint_dir"' in line:
+                    result = TrainResult.model_validate_json(line)
+                else:
+                    sys.stdout.write(line)
+            code = proc.wait()
+    if code != 0 or result is None:
+        raise RuntimeError(
+            f"train.nproc={cfg.nproc}: torchrun exited with status {code}"
+            + ("" if code else " without a result") + "; the processes' errors are above"
+        )
+    return result
