@@ -8,6 +8,17 @@ memory stays bounded whatever the corpus size. The main process routes the
 documents, in corpus order, to the `train` or `val` split (a hash of the text)
 and cuts each split into shards of about `shard_tokens` tokens.
 
+Encoding runs through the fastest encoder that reproduces the reference ids
+exactly. The reference is `tokenizers` (`encode_batch_fast`, special-token text
+encoded as plain text); `fastokens` is much faster but a different
+implementation, so before a corpus is encoded a parity gate compares both on a
+deterministic sample of the corpus's own documents and on adversarial strings
+(all Unicode planes, combining marks, emoji, RTL, whitespace and control runs,
+NUL, the tokenizer's special tokens inside text, very long words, digit runs).
+Any difference, or a fast library that is missing or cannot load the
+tokenizer, falls back to the reference with a warning naming the first input
+that differed, so the shard bytes are the same whichever encoder ran.
+
 Files written under the stage directory:
 - `train-00000.arrow`, ..., `val-00000.arrow`: one row per document (`id`,
   `input_ids`), each document closed by the end-of-text token.
@@ -26,15 +37,18 @@ byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +60,13 @@ from tqdm.auto import tqdm
 from refinery.storage.atomic import atomic_write_json, sweep_temporaries
 from refinery.storage.documents import DROPPED_SCHEMA, ParquetWriter, dropped_rows
 from refinery.storage.manifest import Counts, StageResult, describe_file, file_sha256, stable_hash
-from refinery.storage.shards import SHARD_SUFFIX, is_val, token_dtype, write_token_shard_arrays
+from refinery.storage.shards import (
+    SHARD_SUFFIX,
+    is_val,
+    split_fraction,
+    token_dtype,
+    write_token_shard_arrays,
+)
 from refinery.tasks.parallel import executor_workers, map_in_order
 from refinery.tasks.tokenizer import EOT, load_tokenizer
 
@@ -82,6 +102,12 @@ class ShardsConfig(BaseModel):
     )
     in_flight: int = Field(2, ge=1, le=64, description="row groups queued per worker (bounds memory)")
     eot: str = Field(EOT, min_length=1, description="special token that closes every document")
+    encoder: Literal["auto", "fast", "tokenizers"] = Field(
+        "auto",
+        description="auto: the fast encoder if it passes the parity gate, else tokenizers; "
+        "fast: fail unless it passes; tokenizers: the reference only",
+    )
+    gate_docs: int = Field(200, ge=0, le=100_000, description="corpus documents the parity gate compares")
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,7 @@ class EncodeTask:
     eot: str
     batch_docs: int
     val_fraction: float
+    encoder: str = "tokenizers"  # a name in ENCODERS, chosen by the parity gate
 
 
 @dataclass
@@ -111,39 +138,232 @@ class EncodedBatch:
     split: np.ndarray  # 0 for train, 1 for val (index into SPLITS)
 
 
-_TOKENIZERS: dict[tuple[str, str], Any] = {}
-_TOKENIZERS_LOCK = threading.Lock()
+# -- encoders ------------------------------------------------------------------------------------
 
 
-def _tokenizer(path: str, eot: str) -> tuple[Any, int]:
-    """Load a tokenizer once per process (workers reuse it across tasks)."""
-    key = (path, eot)
-    with _TOKENIZERS_LOCK:
-        if key not in _TOKENIZERS:
-            _TOKENIZERS.clear()
-            _TOKENIZERS[key] = load_tokenizer(path, eot)
-        return _TOKENIZERS[key]
+class Encoder(Protocol):
+    """Texts to token ids as one flat array: what the stage needs from a tokenizer library."""
+
+    name: str
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`(values, offsets)`: every text's ids concatenated, and `len(texts) + 1` int64 offsets."""
+        ...
+
+
+class TokenizersEncoder:
+    """The reference: Hugging Face `tokenizers`, called exactly as the stage always has."""
+
+    name = "tokenizers"
+
+    def __init__(self, tokenizer_file: str | Path, eot: str = EOT) -> None:
+        self.tok, self.eot_id = load_tokenizer(tokenizer_file, eot)
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # Arrow converts the lists of ids in C++: one pass, no per-token Python iteration.
+        lists = pa.array([enc.ids for enc in self.tok.encode_batch_fast(texts)], type=pa.list_(pa.uint32()))
+        offsets = lists.offsets.to_numpy().astype(np.int64)
+        return lists.values.to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+class FastokensEncoder:
+    """`fastokens`: the same `tokenizer.json`, encoded in Rust straight into one flat buffer.
+
+    `split_special_tokens=True` matches `encode_special_tokens = True` of the
+    reference (a document quoting `<|endoftext|>` gets plain-text ids), and
+    `add_special_tokens=True` matches `encode_batch_fast`'s default.
+    """
+
+    name = "fastokens"
+
+    def __init__(self, tokenizer_file: str | Path) -> None:
+        import fastokens
+
+        self.tok = fastokens.Tokenizer.from_file(str(tokenizer_file))
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, offsets = self.tok.encode_batch_flat(texts, add_special_tokens=True, split_special_tokens=True)
+        return np.frombuffer(ids, np.uint32), np.frombuffer(offsets, np.uint64).astype(np.int64)
+
+
+ENCODERS = {"tokenizers": TokenizersEncoder, "fastokens": FastokensEncoder}
+FAST_ENCODER = "fastokens"
+
+_ENCODERS: dict[tuple[str, str, str], Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _encoder(name: str, path: str, eot: str) -> Encoder:
+    """Load an encoder once per process (workers reuse it across tasks)."""
+    key = (name, path, eot)
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            _ENCODERS.clear()
+            _ENCODERS[key] = TokenizersEncoder(path, eot) if name == "tokenizers" else ENCODERS[name](path)
+        return _ENCODERS[key]
+
+
+# -- the parity gate --------------------------------------------------------------------------------
+
+
+@dataclass
+class GateResult:
+    """What the parity gate decided, for the manifest and the warning."""
+
+    encoder: str  # the encoder the stage will use
+    checked: int = 0  # inputs compared (corpus sample plus adversarial strings)
+    reason: str | None = None  # why the fast encoder was not used, or None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder, "checked": self.checked, "fallback_reason": self.reason}
+
+
+def adversarial_texts(special_tokens: list[str], seed: int = 0) -> list[str]:
+    """Strings that tend to break tokenizer reimplementations, the same list on every call.
+
+    Odd codepoints (noncharacters, private use, the last plane) stand in for lone
+    surrogates, which a Python `str` from Parquet can never hold.
+    """
+    rng = random.Random(seed)
+    ranges = [
+        (0x00, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF),
+        (0x0300, 0x036F), (0x0590, 0x06FF), (0x1F300, 0x1FAFF), (0x4E00, 0x9FFF), (0x0E00, 0x0E7F),
+    ]  # fmt: skip
+
+    def random_text(n: int) -> str:
+        out = []
+        for _ in range(n):
+            lo, hi = rng.choice(ranges)
+            cp = rng.randint(lo, hi)
+            out.append(chr(cp) if not 0xD800 <= cp <= 0xDFFF else " ")
+        return "".join(out)
+
+    texts = [
+        " ", "  ", "\n", "\t", "\r\n", "\x00", "a\x00b", "\x00" * 50, " " * 5000, "\n" * 3000, "\t \r\n\v\f" * 200,
+        "x" + " " * 777 + "y", "\u3000\u00a0\u2028\u2029\u200b\ufeff", "".join(chr(c) for c in range(32)) * 10,
+        "0123456789" * 500, "3.14159 2,718 1e-10 -42 0x1F 1_000_000 ١٢٣٤٥ 一二三", "a" * 20000,
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(10000)),
+        "e\u0301\u0302\u0303\u0304" * 100, "👨‍👩‍👧‍👦🏳️‍🌈👍🏽🇫🇷" * 50, "שלום עולם مرحبا بالعالم \u202eRTL\u202c",
+        "\ufffe\uffff\U0010ffff\U000e0001\ue000\U000f0000\ufdd0", "ǅǈ ﬁ Ⅻ ㎏ ＡＢＣ ½ ℌ", "I'm you'll we've 'S 'LL",
+        "def f(x):\n\treturn x  # ünïcödé\r\n", "<|endoftext|", "|endoftext|>", "<||>",
+    ]  # fmt: skip
+    for token in special_tokens:
+        texts += [token, f"before {token} after", f"{token}{token}", f" {token} ", f"x{token}\n{token}y", token * 50]
+    texts += [random_text(rng.randint(1, 400)) for _ in range(120)]
+    texts += [" ".join(random_text(rng.randint(1, 12)) for _ in range(60)) for _ in range(30)]
+    return texts
+
+
+GATE_DOC_CHARS = 8000  # a longer document is compared on its first characters: the gate's cost stays bounded
+
+
+def gate_sample(input_files: list[Path], n_docs: int, row_groups: int = 8) -> list[str]:
+    """Up to `n_docs` non-empty texts of the corpus, the same on every run.
+
+    Drawn from the first rows of at most `row_groups` row groups spread evenly over
+    the corpus, so the gate reads a few pages whatever the corpus size; among those
+    rows the documents are picked by a hash of their text, and the longest is always in.
+    """
+    if n_docs <= 0:
+        return []
+    units = [(p, rg) for p in input_files for rg in range(pq.ParquetFile(p).metadata.num_row_groups)]
+    if len(units) > row_groups:
+        units = [units[round(i * (len(units) - 1) / (row_groups - 1))] for i in range(row_groups)]
+    per_unit = -(-2 * n_docs // max(1, len(units)))  # twice what is needed, so the hash has a choice
+    texts: list[str] = []
+    for path, rg in units:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=per_unit, row_groups=[rg], columns=["text"])
+        first = next(batches, None)
+        if first is not None:
+            texts += [t[:GATE_DOC_CHARS] for t in first.column(0).to_pylist() if t]
+    if len(texts) <= n_docs:
+        return texts
+    longest = max(texts, key=len)
+    picked = sorted((t for t in texts if t is not longest), key=lambda t: split_fraction(t, "encoder-gate"))
+    return [longest, *picked[: n_docs - 1]]
+
+
+def first_mismatch(candidate: Encoder, reference: Encoder, texts: list[str]) -> str | None:
+    """None when `candidate` gives the reference's ids for every text, else the first text that differs."""
+    got_values, got_offsets = candidate.encode_flat(texts)
+    want_values, want_offsets = reference.encode_flat(texts)
+    if np.array_equal(got_offsets, want_offsets) and np.array_equal(got_values, want_values):
+        return None
+    for i, text in enumerate(texts):
+        got = got_values[got_offsets[i] : got_offsets[i + 1]] if i + 1 < len(got_offsets) else None
+        if got is None or not np.array_equal(got, want_values[want_offsets[i] : want_offsets[i + 1]]):
+            return text
+    return texts[-1] if texts else ""
+
+
+def parity_gate(
+    tokenizer_file: str | Path,
+    eot: str,
+    sample: list[str],
+    mode: str = "auto",
+    candidate: Encoder | None = None,
+) -> GateResult:
+    """Decide which encoder encodes the corpus: the fast one only if it matches the reference exactly.
+
+    `mode` is `ShardsConfig.encoder`. `candidate` replaces the fast encoder
+    (tests give it one that really disagrees). With `mode="fast"` a failed gate
+    is an error; with `auto` it is a warning and the reference encodes.
+    """
+    if mode == "tokenizers":
+        return GateResult(encoder="tokenizers")
+    reference = _encoder("tokenizers", str(tokenizer_file), eot)
+    assert isinstance(reference, TokenizersEncoder)
+    specials = [t.content for t in reference.tok.get_added_tokens_decoder().values()]
+    texts = sample + adversarial_texts(specials)
+    reason: str | None = None
+    try:
+        fast = candidate if candidate is not None else ENCODERS[FAST_ENCODER](tokenizer_file)
+        mismatch = first_mismatch(fast, reference, texts)
+        if mismatch is not None:
+            shown = mismatch if len(mismatch) <= 120 else mismatch[:120] + f"... ({len(mismatch)} characters)"
+            reason = f"{fast.name} ids differ from tokenizers on {shown!r}"
+    except Exception as err:  # noqa: BLE001 (missing library, unsupported tokenizer.json: use the reference)
+        reason = f"{FAST_ENCODER} unavailable: {type(err).__name__}: {err}"
+    if reason is None:
+        return GateResult(encoder=fast.name, checked=len(texts))
+    if mode == "fast":
+        raise RuntimeError(f"shards.encoder=fast but the fast encoder failed the parity gate: {reason}")
+    warnings.warn(f"shards: encoding with tokenizers instead of {FAST_ENCODER}: {reason}", RuntimeWarning, stacklevel=2)
+    return GateResult(encoder="tokenizers", checked=len(texts), reason=reason)
+
+
+def close_documents(values: np.ndarray, offsets: np.ndarray, eot_id: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Append the end-of-text id to every document: `(values, lengths)` with the ids in `dtype`."""
+    n = len(offsets) - 1
+    lengths = np.diff(offsets) + 1
+    out = np.full(len(values) + n, eot_id, dtype=dtype)
+    # Token j of document d moves d places right (one end-of-text id before it per earlier document).
+    doc_of_token = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    out[np.arange(len(values), dtype=np.int64) + doc_of_token] = values
+    return out, lengths
 
 
 def encode_row_group(task: EncodeTask) -> EncodedBatch:
     """Read one row group and encode it: the per-batch pure work of the stage."""
-    tok, eot_id = _tokenizer(task.tokenizer_file, task.eot)
-    dtype = np.uint16 if token_dtype(tok.get_vocab_size(with_added_tokens=True)) == pa.uint16() else np.uint32
+    encoder = _encoder(task.encoder, task.tokenizer_file, task.eot)
+    eot_id, vocab_size = _vocab(task.tokenizer_file, task.eot)
+    dtype = np.uint16 if token_dtype(vocab_size) == pa.uint16() else np.uint32
     table = pq.ParquetFile(task.path).read_row_group(task.row_group, columns=["id", "text", "source", "format"])
     text = table.column("text")
     n_bytes = pc.binary_length(text).to_numpy(zero_copy_only=False).astype(np.int64)
     texts = text.to_pylist()
-    ids_per_doc: list[list[int]] = []
+    values: list[np.ndarray] = []
+    kept_lengths: list[np.ndarray] = []
     for start in range(0, len(texts), task.batch_docs):
         chunk = [t for t in texts[start : start + task.batch_docs] if t]
-        ids_per_doc.extend(enc.ids for enc in tok.encode_batch_fast(chunk))
-    for ids in ids_per_doc:
-        ids.append(eot_id)
-    # Arrow converts the lists of ids in C++: one pass, no per-token Python iteration.
-    encoded = pa.array(ids_per_doc, type=pa.list_(pa.from_numpy_dtype(dtype)))
+        if chunk:
+            flat, offsets = encoder.encode_flat(chunk)
+            closed, lens = close_documents(flat, offsets, eot_id, dtype)
+            values.append(closed)
+            kept_lengths.append(lens)
     lengths = np.zeros(len(texts), dtype=np.int64)
-    lengths[n_bytes > 0] = np.diff(encoded.offsets.to_numpy())
-    values = encoded.values.to_numpy(zero_copy_only=False)
+    if kept_lengths:
+        lengths[n_bytes > 0] = np.concatenate(kept_lengths)
     return EncodedBatch(
         first_doc=task.first_doc,
         ids=table.column("id").combine_chunks(),
@@ -151,9 +371,16 @@ def encode_row_group(task: EncodeTask) -> EncodedBatch:
         formats=table.column("format").combine_chunks(),
         n_bytes=n_bytes,
         lengths=lengths,
-        values=values,
+        values=np.concatenate(values) if values else np.zeros(0, dtype),
         split=np.fromiter((is_val(t or "", task.val_fraction) for t in texts), dtype=np.int8, count=len(texts)),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _vocab(path: str, eot: str) -> tuple[int, int]:
+    """(end-of-text id, vocabulary size with added tokens), read once per process."""
+    tok, eot_id = load_tokenizer(path, eot)
+    return eot_id, tok.get_vocab_size(with_added_tokens=True)
 
 
 def _no_tokenizer_threads() -> None:
@@ -340,7 +567,9 @@ def _ranges(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
 
 
-def _tasks(input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig, resume_at: int) -> list[EncodeTask]:
+def _tasks(
+    input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig, resume_at: int, encoder: str
+) -> list[EncodeTask]:
     """One task per Parquet row group, skipping row groups that a previous run fully wrote."""
     tasks: list[EncodeTask] = []
     position = 0
@@ -350,7 +579,7 @@ def _tasks(input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig, res
             rows = meta.row_group(rg).num_rows
             if position + rows > resume_at and rows:
                 tasks.append(EncodeTask(
-                    str(path), rg, position, str(tokenizer_file), cfg.eot, cfg.batch_docs, cfg.val_fraction
+                    str(path), rg, position, str(tokenizer_file), cfg.eot, cfg.batch_docs, cfg.val_fraction, encoder
                 ))
             position += rows
     return tasks
@@ -380,7 +609,11 @@ def run_encode(
 
     writer = _ShardWriter(stage_dir, cfg, vocab_size, _fingerprint(input_files, Path(tokenizer_file), cfg))
     resume_at = writer.resume()
-    tasks = _tasks(input_files, Path(tokenizer_file), cfg, resume_at)
+    # The encoder never changes the output (the gate sees to it), so it is not in the fingerprint.
+    gate_started = time.perf_counter()
+    gate = parity_gate(tokenizer_file, cfg.eot, gate_sample(input_files, cfg.gate_docs), cfg.encoder)
+    gate_seconds = time.perf_counter() - gate_started
+    tasks = _tasks(input_files, Path(tokenizer_file), cfg, resume_at, gate.encoder)
     total_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in input_files)
 
     # Without an executor: threads of this process (the tokenizer releases the GIL, so reading and
@@ -411,7 +644,11 @@ def run_encode(
             own_pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - started
 
-    return _result(stage_dir, writer, vocab_size, eot_id, seconds)
+    result = _result(stage_dir, writer, vocab_size, eot_id, seconds)
+    result.extra["encoder"] = gate.encoder
+    result.extra["encoder_gate"] = gate.as_dict()
+    result.metrics.update(gate_seconds=gate_seconds, fast_encoder=float(gate.encoder != "tokenizers"))
+    return result
 
 
 def _result(stage_dir: Path, writer: _ShardWriter, vocab_size: int, eot_id: int, seconds: float) -> StageResult:

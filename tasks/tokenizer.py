@@ -4,8 +4,17 @@ Byte-level BPE maps every UTF-8 byte to a symbol before merging, so any text
 (emoji, CJK, control characters, invalid-looking surrogates aside) encodes and
 decodes back exactly: there is no unknown token and no normalisation. The
 training sample is drawn uniformly over the corpus by a hash of the document
-id, from the train split only, so the compression measured on the validation
+text, from the train split only, so the compression measured on the validation
 split is measured on text the tokenizer never saw.
+
+The merges are learned by `gigatoken.train_bpe` with Hugging Face tie-breaking,
+several times faster than `tokenizers`' `BpeTrainer` and with the same merges in
+the same order. One difference is checked on every run: `BpeTrainer` stops once
+the best pair occurs fewer than `min_frequency` times (or not at all), while
+`train_bpe` goes on to the full vocabulary. Pair counts never grow from one merge
+to the next, so the fast result is used only when its last merge still met the
+threshold (recounted on the sample); otherwise, as for small samples, the stage
+trains with `BpeTrainer`.
 
 Writes `tokenizer.json` (loadable by `transformers.PreTrainedTokenizerFast` and
 `tokenizers.Tokenizer.from_file`) and `tokenizer_config.json` (so that
@@ -16,9 +25,11 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -50,6 +61,11 @@ class TokenizerConfig(BaseModel):
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="held-out split; keep equal to shards.val_fraction")
     eval_bytes: int = Field(16 * 2**20, gt=0, description="at most this much validation text is encoded for metrics")
     batch_docs: int = Field(1000, ge=1, description="documents read per batch")
+    trainer: Literal["auto", "fast", "tokenizers"] = Field(
+        "auto",
+        description="auto: gigatoken unless the min_frequency check shows BpeTrainer would stop earlier, "
+        "then BpeTrainer; fast: fail in that case; tokenizers: BpeTrainer only",
+    )
 
     @field_validator("special_tokens")
     @classmethod
@@ -59,13 +75,149 @@ class TokenizerConfig(BaseModel):
         return tokens
 
 
-def new_byte_level_bpe() -> Tokenizer:
-    """An untrained byte-level BPE set up to round-trip any Unicode string exactly."""
-    tok = Tokenizer(models.BPE())
+def new_byte_level_bpe(model: models.BPE | None = None) -> Tokenizer:
+    """A byte-level BPE (untrained unless `model` is given) set up to round-trip any Unicode string exactly."""
+    tok = Tokenizer(model if model is not None else models.BPE())
     # No normaliser: the text is kept byte for byte. No prefix space: decode(encode(s)) == s.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return tok
+
+
+def _byte_chars() -> dict[int, str]:
+    """The byte-level alphabet: the printable character `ByteLevel` uses for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+BYTE_CHARS = _byte_chars()
+
+
+def _as_chars(token: bytes) -> str:
+    """Bytes as `ByteLevel` characters (latin-1 makes each byte the code point `str.translate` maps)."""
+    return token.decode("latin-1").translate(BYTE_CHARS)
+
+
+def bpe_from_merges(merges: list[tuple[bytes, bytes]], special_tokens: list[str]) -> Tokenizer:
+    """The tokenizer `BpeTrainer` would have built from these merges (same ids, same JSON).
+
+    `BpeTrainer` numbers the special tokens first, then the byte alphabet in code
+    point order, then each merge's new token in merge order.
+    """
+    vocab: dict[str, int] = {}
+    for token in special_tokens:
+        vocab.setdefault(token, len(vocab))
+    for char in sorted(BYTE_CHARS.values()):
+        vocab.setdefault(char, len(vocab))
+    pairs = [(_as_chars(a), _as_chars(b)) for a, b in merges]
+    for a, b in pairs:
+        vocab.setdefault(a + b, len(vocab))
+    tok = new_byte_level_bpe(models.BPE(vocab=vocab, merges=pairs))
+    tok.add_special_tokens(list(special_tokens))
+    return tok
+
+
+def _separator(texts: list[str]) -> str | None:
+    """One code point found in no text: it splits the joined sample back into documents exactly.
+
+    A single code point cannot match across a document boundary in valid UTF-8,
+    so no document's text is ever cut or merged with its neighbour.
+    """
+    for cp in [*range(0xFDD0, 0xFDF0), 0xFFFE, 0xFFFF, 0x10FFFE, 0x10FFFF]:
+        sep = chr(cp)
+        if not any(sep in t for t in texts):
+            return sep
+    return None
+
+
+def _last_merge_count(data: bytes, sep: bytes, merges: list[tuple[bytes, bytes]]) -> int:
+    """How often the last merge's pair occurs in the sample once all earlier merges are applied.
+
+    Counted as `BpeTrainer` counts: every adjacent occurrence in every pre-tokenized
+    word, times the word's frequency. Only words containing the merged bytes can hold the pair.
+    """
+    from gigatoken.gigatoken_rs import pretokenized_counts
+
+    left, right = merges[-1]
+    merged = left + right
+    words = [(w, c) for w, c in pretokenized_counts(data, sep) if merged in w]
+    if not words:
+        return 0
+    earlier = bpe_from_merges(merges[:-1], [])
+    earlier.pre_tokenizer = None  # the words are pre-tokenized already
+    left_id, right_id = earlier.token_to_id(_as_chars(left)), earlier.token_to_id(_as_chars(right))
+    total = 0
+    for (_, count), enc in zip(words, earlier.encode_batch_fast([_as_chars(w) for w, _ in words]), strict=True):
+        ids = enc.ids
+        total += count * sum(1 for a, b in zip(ids, ids[1:], strict=False) if a == left_id and b == right_id)
+    return total
+
+
+def train_bpe_fast(
+    texts: list[str], vocab_size: int, min_frequency: int, special_tokens: list[str]
+) -> Tokenizer | None:
+    """Train with `gigatoken.train_bpe`; None where `BpeTrainer` would stop earlier (a small sample).
+
+    Raises `ValueError` when the sample cannot be handed over intact.
+    """
+    import gigatoken
+
+    sep = _separator(texts)
+    if sep is None:
+        raise ValueError("no separator code point is absent from the sample")
+    data = sep.join(texts).encode("utf-8")
+    n_merges = vocab_size - len(set(special_tokens) | set(BYTE_CHARS.values()))
+    if n_merges <= 0:
+        return bpe_from_merges([], special_tokens)
+    # No special tokens for gigatoken: BpeTrainer does not split text at them, and the ids are ours to assign.
+    _, merges = gigatoken.train_bpe(data, 256 + n_merges, [], tie_breaking="huggingface", separator=sep.encode())
+    if merges:
+        last = _last_merge_count(data, sep.encode(), merges)
+        if last < max(1, min_frequency):
+            return None
+    tok = bpe_from_merges(merges, special_tokens)
+    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise ValueError("the fast trainer's vocabulary is larger than vocab_size")
+    return tok
+
+
+def train_bpe_reference(texts: Iterable[list[str]], cfg: TokenizerConfig) -> Tokenizer:
+    """Train with `tokenizers`' `BpeTrainer`, the reference the fast trainer must equal."""
+    tok = new_byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(cfg.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_bpe(texts: Iterable[list[str]], cfg: TokenizerConfig) -> tuple[Tokenizer, str]:
+    """Train on batches of texts with the trainer `cfg.trainer` asks for; returns it and the trainer's name."""
+    if cfg.trainer == "tokenizers":
+        return train_bpe_reference(texts, cfg), "tokenizers"
+    sample = [t for batch in texts for t in batch]
+    try:
+        tok = train_bpe_fast(sample, cfg.vocab_size, cfg.min_frequency, list(cfg.special_tokens))
+        reason = f"the sample runs out of pairs occurring min_frequency={cfg.min_frequency} times"
+    except (ImportError, ValueError) as err:
+        tok, reason = None, f"{type(err).__name__}: {err}"
+        warnings.warn(f"tokenizer: training with BpeTrainer instead of gigatoken: {reason}", RuntimeWarning,
+                      stacklevel=2)
+    if tok is not None:
+        return tok, "gigatoken"
+    if cfg.trainer == "fast":
+        raise RuntimeError(f"tokenizer.trainer=fast but BpeTrainer would learn other merges: {reason}")
+    return train_bpe_reference([sample], cfg), "tokenizers"
 
 
 def load_tokenizer(path: str | Path, eot: str = EOT) -> tuple[Tokenizer, int]:
@@ -172,21 +324,14 @@ def run_train_tokenizer(
 
     scan = _Scan(input_files, cfg, train=cfg.existing is None, progress=progress)
     started = time.perf_counter()
+    trainer_name = "existing"
     if cfg.existing is not None:
         scan.run()
         load_tokenizer(cfg.existing, eot)  # fail early, with a message, on an unusable file
         with atomic_path(target) as tmp:
             shutil.copyfile(cfg.existing, tmp)
     else:
-        tok = new_byte_level_bpe()
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size,
-            min_frequency=cfg.min_frequency,
-            special_tokens=list(cfg.special_tokens),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(scan, trainer=trainer)
+        tok, trainer_name = train_bpe(scan, cfg)
         if scan.counts["kept"] == 0:
             raise ValueError(
                 "no training text: every document is empty or in the validation split; "
@@ -212,6 +357,7 @@ def run_train_tokenizer(
 
     metrics = _bytes_per_token(tok, scan.val) if scan.val else {}
     metrics.update(train_seconds=train_seconds, sample_bytes=float(scan.sample_bytes))
+    metrics["fast_trainer"] = float(trainer_name == "gigatoken")
     if train_seconds > 0 and scan.sample_bytes:
         metrics["train_mb_per_s"] = scan.sample_bytes / 2**20 / train_seconds
 
@@ -232,6 +378,7 @@ def run_train_tokenizer(
             "tokenizer_file": TOKENIZER_FILE,
             "special_tokens": list(cfg.special_tokens),
             "trained": cfg.existing is None,
+            "trainer": trainer_name,
         },
     )
 
