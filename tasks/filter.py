@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from tqdm import tqdm
@@ -55,10 +56,11 @@ from refinery.tasks.parallel import map_in_order
 from refinery.tasks.pii import KINDS as PII_KINDS
 from refinery.tasks.pii import PIIRules, redact
 from refinery.tasks.quality import FAMILIES, RuleFamily, compute_signals
+from refinery.tasks.quality.secrets import may_hold_secrets
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
-SIGNALS_VERSION = 2  # 2: words as str.split() gives them (no empty token at either end)
+SIGNALS_VERSION = 3  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default
 CHART = "drop_reasons.png"
 
 
@@ -86,12 +88,14 @@ class BaseFilterConfig(BaseModel):
                 out[name] = section
         return out
 
-    def kinds(self, formats: Sequence[str], sources: Sequence[str] | None = None) -> np.ndarray:
+    def kinds(
+        self, formats: Sequence[str] | pa.Array | pa.ChunkedArray, sources: Sequence[str] | None = None
+    ) -> np.ndarray:
         """The kind of each document: its source's kind in `source_kinds`, else its format's."""
-        out = np.array(
-            ["code" if f in self.code_formats else "document" if f in self.document_formats else "web" for f in formats],
-            dtype=object,
-        )
+        fmt = formats if isinstance(formats, pa.Array | pa.ChunkedArray) else pa.array(list(formats), pa.string())
+        out = np.full(len(fmt), "web", dtype=object)
+        out[_is_in(fmt, self.document_formats)] = "document"
+        out[_is_in(fmt, self.code_formats)] = "code"
         if self.source_kinds and sources is not None:
             prefixes = sorted(((_as_uri(k), v) for k, v in self.source_kinds.items()), key=lambda kv: -len(kv[0]))
             for i, src in enumerate(sources):
@@ -139,15 +143,62 @@ DOCUMENT_FORMATS = ("text", "markdown", "rst", "pdf", "docx", "pptx", "odt", "rt
 # The `document` profile: C4's and FineWeb's rules were fitted to web crawls (five sentences, no curly
 # brackets, few duplicated or list-like lines) and drop clean documentation, licences and READMEs; the
 # Gopher rules stay, with word-level thresholds loosened for code samples, URLs and tables in prose.
-# Chosen on a held-out corpus of documentation and junk (tests/test_filter_profiles.py).
+# lid.176 is unsure of English prose full of code samples, tables of constants or API names (a fifth of the
+# clean documents of the held-out corpus scored under 0.65, down to 0.16), so documents get a lower language
+# threshold than FineWeb's 0.65 for web pages; another language still fails, whatever its score. Chosen on a
+# held-out corpus of documentation and junk (tests/test_filter_profiles.py).
 DEFAULT_PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "document": {
+        "language": {"threshold": 0.3},
         "c4": {"enabled": False},
         "fineweb": {"enabled": False},
         "gopher_quality": {"min_alpha_words_frac": 0.6, "max_mean_word_length": 15.0, "min_stop_words": 1,
                            "max_symbol_word_ratio": 0.3},
     },
 }
+
+
+def _is_in(values: pa.Array | pa.ChunkedArray, listed: Sequence[str]) -> np.ndarray:
+    """Whether each value is one of `listed`, as a numpy mask (null is not listed)."""
+    hit = pc.is_in(values, value_set=pa.array(list(listed), pa.string())).fill_null(False)
+    return np.asarray(hit.to_numpy(zero_copy_only=False), bool)
+
+
+# What a text must contain for `refinery.tasks.pii.redact` to replace anything besides secrets (those are
+# `may_hold_secrets`): "@" for an e-mail address; two digits in a row for a card, an IBAN, a phone in
+# brackets or most IPv4 addresses; "+digit" for an international phone; "digit.digit" for IPv4; two colons
+# around at most four hex digits for IPv6. Python's `\d` is any Unicode decimal digit, hence `\p{Nd}`.
+# One Arrow scan per batch decides which kept documents are searched in Python; it must stay a superset
+# of the detectors in `refinery.tasks.pii`.
+PII_HINTS = r"@|\p{Nd}\p{Nd}|\+\p{Nd}|\p{Nd}\.\p{Nd}|:[0-9A-Fa-f]{0,4}:"
+
+
+def may_hold_pii(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """False for each text in which PII redaction can replace nothing (secrets included)."""
+    hit = pc.match_substring_regex(texts, PII_HINTS).fill_null(False)
+    return np.asarray(hit.to_numpy(zero_copy_only=False), bool) | may_hold_secrets(texts)
+
+
+def redact_column(
+    texts: pa.ChunkedArray, is_code: np.ndarray, rules: PIIRules, counts: Counter[str]
+) -> pa.ChunkedArray | pa.Array:
+    """`texts` with PII replaced; only texts that may hold some are converted to Python and searched."""
+    candidates = np.flatnonzero(may_hold_pii(texts))
+    if not len(candidates):
+        return texts
+    values = texts.take(pa.array(candidates)).to_pylist()
+    changed: dict[int, str] = {}
+    for j, i in enumerate(candidates.tolist()):
+        red, found = redact(values[j], rules, is_code=bool(is_code[i]))
+        counts.update(found)
+        if red != values[j]:
+            changed[i] = red
+    if not changed:
+        return texts
+    out = texts.to_pylist()
+    for i, red in changed.items():
+        out[i] = red
+    return pa.array(out, texts.type)
 
 
 def _as_uri(source: str) -> str:
@@ -277,7 +328,10 @@ def compute_signal_files(
 
 
 def select(
-    signals: pa.Table, formats: list[str], cfg: BaseFilterConfig, sources: list[str] | None = None
+    signals: pa.Table,
+    formats: Sequence[str] | pa.Array | pa.ChunkedArray,
+    cfg: BaseFilterConfig,
+    sources: list[str] | None = None,
 ) -> tuple[list[str | None], list[str]]:
     """The drop reason (None to keep) and a detail for each row, from signal columns and thresholds.
 
@@ -341,30 +395,27 @@ def run_filter(
             offset += table.num_rows
             if sig.column("id") != table.column("id"):
                 raise RuntimeError(f"{_signals_path(stage_dir, i)} is out of step with {path}; delete it and re-run")
-            reason, detail = select(sig, table.column("format").to_pylist(), cfg, table.column("source").to_pylist())
-            keep = np.array([r is None for r in reason], bool)
+            sources = table.column("source").to_pylist() if cfg.source_kinds else None
+            reason, detail = select(sig, table.column("format"), cfg, sources)
+            keep = np.fromiter((r is None for r in reason), bool, len(reason))
             owned = [c for c in sig.column_names if c != "id"]
             table = table.drop_columns([c for c in owned if c in table.column_names])
             for c in owned:
                 table = table.append_column(c, sig.column(c))
             kept = table.filter(pa.array(keep))
             if cfg.pii.enabled and kept.num_rows:
-                texts = []
-                kept_formats = kept.column("format").to_pylist()
-                for t, fmt in zip(kept.column("text").to_pylist(), kept_formats, strict=True):
-                    red, counts = redact(t, cfg.pii, is_code=fmt in cfg.code_formats)
-                    pii_counts.update(counts)
-                    texts.append(red)
                 idx = kept.column_names.index("text")
-                kept = kept.set_column(idx, kept.schema.field(idx), pa.array(texts, kept.schema.field(idx).type))
+                is_code = _is_in(kept.column("format"), cfg.code_formats)
+                texts = redact_column(kept.column("text"), is_code, cfg.pii, pii_counts)
+                kept = kept.set_column(idx, kept.schema.field(idx), texts)
             parts.write(kept)
             drop = np.flatnonzero(~keep)
             if len(drop):
-                ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
+                taken = pa.array(drop)
                 dropped_w.write(
                     dropped_rows(
-                        [ids[j] for j in drop], [sources[j] for j in drop], STAGE,
-                        [reason[j] for j in drop], [detail[j] for j in drop],  # type: ignore[misc]
+                        table.column("id").take(taken).to_pylist(), table.column("source").take(taken).to_pylist(),
+                        STAGE, [reason[j] for j in drop], [detail[j] for j in drop],  # type: ignore[misc]
                     )
                 )
                 dropped.update(reason[j] for j in drop)  # type: ignore[misc]

@@ -57,7 +57,8 @@ class C4Rules(RuleFamily):
             for raw in lines:
                 line = raw.strip()
                 line_words = line.split()
-                if any(len(w) > self.max_word_length for w in line_words):
+                # Only a line longer than the limit can hold a word longer than it: most lines skip the scan.
+                if len(line) > self.max_word_length and any(len(w) > self.max_word_length for w in line_words):
                     continue
                 if self.remove_citations:
                     line = _CITATION.sub("", line)

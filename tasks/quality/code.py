@@ -52,7 +52,10 @@ class CodeRules(RuleFamily):
                 mean_len[i] = sum(lens) / len(lens)
                 head = "\n".join(lines[: self.header_lines]).lower()
                 autogen[i] = any(m in head for m in markers)
-        alnum = pc.count_substring_regex(batch.arr, r"[\p{L}\p{N}]").to_numpy(zero_copy_only=False)
+        # Letters and digits counted as what is left once every run of other characters is removed: one match
+        # per run rather than one per character, several times faster than counting `[\p{L}\p{N}]` matches.
+        alnum_only = pc.replace_substring_regex(batch.arr, r"[^\p{L}\p{N}]+", "")
+        alnum = pc.utf8_length(alnum_only).to_numpy(zero_copy_only=False)
         length = pc.utf8_length(batch.arr).to_numpy(zero_copy_only=False)
         return {
             "code_max_line_length": max_len,

