@@ -53,7 +53,7 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-FORMATS = ("text", "code", "markdown", "html", "pdf", "docx", "pptx", "image", "jsonl", "parquet", "warc")
+FORMATS = ("text", "code", "markdown", "html", "pdf", "docx", "pptx", "image", "jsonl", "parquet", "csv", "warc")
 
 
 MAX_GROUP_BYTES = 64 * 2**20
@@ -220,6 +220,22 @@ class PartWriter:
                 self._current = None
             if data.num_rows == 0:
                 return
+
+    def adopt(self, path: str | os.PathLike[str]) -> None:
+        """Take a finished documents file (written by a parallel worker) as the next part, whole.
+
+        The part being written is closed first, so rows keep their order; the file is moved
+        into place under the next part name.
+        """
+        if self._current is not None:
+            if self._current.rows:
+                self.outputs.append(self._current.close(self._stage_dir))
+            else:
+                self._current.abort()
+            self._current = None
+        target = self.directory / f"{self.prefix}-{len(self.outputs):05d}.parquet"
+        os.replace(path, target)
+        self.outputs.append(describe_file(self._stage_dir, target, rows=pq.ParquetFile(target).metadata.num_rows))
 
     @property
     def rows(self) -> int:

@@ -31,6 +31,7 @@ from refinery.tasks.ingest.formats.markdown import MARKDOWN
 from refinery.tasks.ingest.formats.parquet import ARROW, PARQUET
 from refinery.tasks.ingest.formats.pdf import PDF
 from refinery.tasks.ingest.formats.pptx import PPTX
+from refinery.tasks.ingest.formats.tabular import CSV
 from refinery.tasks.ingest.formats.text import TEXT, decode_text, read_unknown
 from refinery.tasks.ingest.formats.warc import WARC
 
@@ -48,6 +49,7 @@ FORMATS: list[Format] = [
     JSON,
     PARQUET,
     ARROW,
+    CSV,
     WARC,
     ZIP,
     TAR,

@@ -80,5 +80,5 @@ def read_unknown(name: str, data: bytes, ctx: Context) -> Iterator[Item]:
 
 TEXT = Format(
     "text", read_text,
-    extensions={".txt", ".text", ".log", ".csv", ".tsv", ".rst", ".org", ".adoc", ".srt", ".vtt", ""},
+    extensions={".txt", ".text", ".log", ".rst", ".org", ".adoc", ".srt", ".vtt", ""},
 )
