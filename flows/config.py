@@ -51,6 +51,10 @@ class ExecutionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     executor: Literal["local", "dask"] = "local"
+    workers: int = Field(
+        1, ge=1, description="with executor=local: processes for the per-batch maps of dedup, filter and shards "
+        "(1: in this process; more: a process pool, e.g. the machine's core count)",
+    )
     dask_address: str | None = Field(None, description="scheduler address, e.g. tcp://10.0.0.5:8786; none starts a local cluster")
     progress: bool = True
     verify: Literal["sha256", "size"] = Field(

@@ -165,9 +165,10 @@ def run_stage(env: RunEnv, name: str, inputs: dict[str, StageOutput]) -> StageOu
     env.lineage.finish_stage(run_id, manifest, read, str(stage_dir), skipped=False, artifacts=artifacts)
     env.outcomes[name] = {"status": "ran", "run_id": run_id, "seconds": seconds, "manifest": manifest}
     _report(name, manifest, skipped=False)
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(manifest.counts.dropped.items(), key=lambda x: -x[1]))
     logger.info(
-        "%s: %d in, %d kept, %d dropped in %.1fs", name, manifest.counts.in_, manifest.counts.kept,
-        manifest.counts.dropped_total, seconds,
+        "%s: %d in, %d kept, %d dropped%s in %.1fs", name, manifest.counts.in_, manifest.counts.kept,
+        manifest.counts.dropped_total, f" ({reasons})" if reasons else "", seconds,
     )
     return stage.output.from_manifest(stage_dir, manifest)
 
@@ -223,6 +224,21 @@ def _quality_warning(cfg: Any, evaluation: Evaluation) -> str | None:
     return poor_model_warning(evaluation.metrics, getattr(section, "min_gain_over_unigram", None))
 
 
+def local_executor(workers: int) -> tuple[Any, Callable[[], None]]:
+    """None (maps in this process) for one worker; else a pool of `workers` spawned processes, and its shutdown.
+
+    Spawned rather than forked: the flow's process runs threads (Prefect's server and clients), and a fork
+    copies their locks in whatever state they are in.
+    """
+    if workers <= 1:
+        return None, lambda: None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return pool, lambda: pool.shutdown(cancel_futures=True)
+
+
 def _make_executor(cfg: Any) -> tuple[Any, Callable[[], None]]:
     """None for in-process maps, or an executor whose maps run on Dask workers, and how to close it.
 
@@ -234,7 +250,7 @@ def _make_executor(cfg: Any) -> tuple[Any, Callable[[], None]]:
     (reading manifests, writing outputs) stays in this process.
     """
     if cfg.execution.executor == "local":
-        return None, lambda: None
+        return local_executor(cfg.execution.workers)
     from contextlib import ExitStack
 
     from distributed import Client

@@ -116,6 +116,7 @@ PARTS = View("", "part-*.parquet")  # a documents stage's kept documents; the vi
 
 PIPELINE = Graph((
     Stage("ingest", IngestConfig, (), ingest, Documents, reads_sources=source_digest,
+          version=2,  # 2: dataset files streamed by record; HTML through trafilatura, WARC through resiliparse
           summary="raw files and dataset records to one documents table; unreadable input quarantined",
           views=(PARTS, View("quarantine", "quarantine.parquet"))),
     Stage("dedup", DedupConfig, ("ingest",), dedup, Documents, version=2,  # 2: decisions from the current input alone

@@ -18,7 +18,7 @@ from refinery.storage.manifest import MANIFEST_NAME, build_manifest, read_manife
 
 def run_stages(
     root: Path, sources: list[str], cfg: Any, stages: tuple[str, ...] | None = None, graph: Graph = PIPELINE,
-    ran: list[str] | None = None,
+    ran: list[str] | None = None, executor: Any = None,
 ) -> dict[str, Any]:
     """Run `stages` (default all) of `graph` in `root`; returns their typed outputs and appends what ran to `ran`."""
     layout = RunLayout.at(root)
@@ -42,7 +42,7 @@ def run_stages(
             ran.append(stage.name)
         (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)
         sweep_temporaries(stage_dir)
-        result = stage.run(StageCall(stage_dir, section, inputs, digest, sources, progress=False))
+        result = stage.run(StageCall(stage_dir, section, inputs, digest, sources, progress=False, executor=executor))
         manifest = build_manifest(stage.name, section, digest, result, {"total": 0.0}, code_version=stage.code_version)
         write_manifest(stage_dir, manifest)
         outputs[stage.name] = stage.output.from_manifest(stage_dir, manifest)
