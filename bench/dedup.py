@@ -1,4 +1,4 @@
-"""Near-duplicate benchmark with ground truth: Refinery's dedup stage vs datatrove's MinHash pipeline.
+"""Near-duplicate benchmark with ground truth: Refinery's dedup stage vs datatrove's and rensa's MinHash.
 
 Documents are built from real English text (the Python reference documentation that ships with CPython,
 `pydoc_data.topics`): each base document is a random run of its sentences. Half of them get an edited copy
@@ -6,9 +6,16 @@ Documents are built from real English text (the Python reference documentation t
 original (word 5-shingles, lower-cased words) is computed exactly. A copy at or above the threshold is a
 duplicate that should be removed; one below it should be kept.
 
-Both systems use 5-word shingles and the same bands x rows (14 x 8 by default), and each runs in a child
-process so its peak memory (max RSS) is its own. Prints a markdown table; `--record` appends it to
-bench/RESULTS.md with a machine description.
+All systems use 5-word shingles and the same bands x rows (14 x 8 by default, num_perm = bands x rows),
+and each runs in a child process so its peak memory (max RSS) is its own:
+- `refinery`: the dedup stage (numpy MinHash, bit-identical to datasketch; exact Jaccard check);
+- `refinery+rensa`: the same stage with `minhash_backend="rensa"` (rensa's R-MinHash on the same shingles);
+- `datatrove`: its four-step MinHash pipeline;
+- `rensa`: rensa alone, `RMinHashDeduplicator` fed the same normalised word 5-grams as strings (it keeps
+  the first of each group and checks candidates by estimated, not exact, similarity).
+"signatures docs/s" times texts -> signature matrix alone (normalise, shingle, sign) for the systems whose
+signing can be called on its own; "dedup docs/s" is the whole run. Prints a markdown table; `--record`
+appends it to bench/RESULTS.md with a machine description.
 
     python -m bench.dedup [--docs 4000] [--workers 2] [--record]
 """
@@ -16,6 +23,7 @@ bench/RESULTS.md with a machine description.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import random
@@ -26,6 +34,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pyarrow as pa
 
 from bench.common import record
 
@@ -96,7 +106,10 @@ def score(removed: set[str], pairs: list[tuple[str, str, float]]) -> dict[str, f
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
-def run_refinery(docs: list[dict], work: Path, bands: int, rows: int, workers: int) -> set[str]:
+NORMALIZE = {"fold_digits": True, "strip_accents": True}
+
+
+def run_refinery(docs: list[dict], work: Path, bands: int, rows: int, workers: int, backend: str = "numpy") -> set[str]:
     from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter, read_table
     from refinery.tasks.dedup import DedupConfig, run_dedup
 
@@ -107,7 +120,7 @@ def run_refinery(docs: list[dict], work: Path, bands: int, rows: int, workers: i
     writer.close()
     files = sorted((work / "in").glob("part-*.parquet"))
     cfg = DedupConfig(bands=bands, rows=rows, num_perm=bands * rows, threshold=THRESHOLD, batch_size=1000,
-                      normalize={"fold_digits": True, "strip_accents": True})
+                      normalize=NORMALIZE, minhash_backend=backend)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         run_dedup(files, work / "dedup", cfg, progress=False, executor=pool)
@@ -165,15 +178,65 @@ def run_datatrove(docs: list[dict], work: Path, bands: int, rows: int, workers: 
     return {d["id"] for d in docs} - kept
 
 
+def rensa_shingles(texts: list[str]) -> list[list[str]]:
+    """Refinery's normalised words, as word 5-gram strings (one shingle of all words for a shorter text)."""
+    from refinery.tasks.normalize import NormalizeConfig, normalize_words
+
+    out = []
+    for w in normalize_words(texts, NormalizeConfig(**NORMALIZE)).to_pylist():
+        out.append([" ".join(w[i : i + 5]) for i in range(max(len(w) - 4, 1))] if w else [])
+    return out
+
+
+def run_rensa(docs: list[dict], work: Path, bands: int, rows: int, workers: int) -> set[str]:
+    from rensa import RMinHashDeduplicator
+
+    dedup = RMinHashDeduplicator(threshold=THRESHOLD, num_perm=bands * rows, use_lsh=True, num_bands=bands, seed=1)
+    keep = dedup.add_pairs(zip([d["id"] for d in docs], rensa_shingles([d["text"] for d in docs]), strict=True))
+    return {d["id"] for d, k in zip(docs, keep, strict=True) if not k}
+
+
+def sign_only(name: str, texts: list[str], num_perm: int) -> None:
+    """Texts -> signature matrix, nothing else: the part a MinHash backend changes."""
+    if name == "rensa":
+        from rensa import RMinHash
+
+        RMinHash.digest_matrix_from_token_sets(rensa_shingles(texts), num_perm, 1).to_rows()
+        return
+    from refinery.tasks.dedup import DedupConfig, signature_batch
+
+    cfg = DedupConfig(num_perm=num_perm, bands=1, rows=num_perm, normalize=NORMALIZE,
+                      minhash_backend="rensa" if name == "refinery+rensa" else "numpy")
+    for i in range(0, len(texts), 1000):
+        batch = texts[i : i + 1000]
+        signature_batch(pa.array(batch, pa.large_string()), [None] * len(batch), cfg)
+
+
+SYSTEMS = {
+    "refinery": run_refinery,
+    "refinery+rensa": functools.partial(run_refinery, backend="rensa"),
+    "datatrove": run_datatrove,
+    "rensa": run_rensa,
+}
+
+
 def _child(name: str, docs: list[dict], bands: int, rows: int, workers: int, q: mp.Queue) -> None:
-    fn = run_refinery if name == "refinery" else run_datatrove
+    fn = SYSTEMS[name]
     with tempfile.TemporaryDirectory() as tmp:  # warm-up on a few documents: imports and model loading
         fn(docs[:20], Path(tmp), bands, rows, workers)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         removed = fn(docs, Path(tmp), bands, rows, workers)
         elapsed = time.perf_counter() - t0
-    q.put({"removed": sorted(removed), "seconds": elapsed, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sign_seconds = None
+    if name != "datatrove":  # datatrove signs inside its pipeline step; there is no call for it alone
+        texts = [d["text"] for d in docs]
+        sign_only(name, texts[:20], bands * rows)
+        t0 = time.perf_counter()
+        sign_only(name, texts, bands * rows)
+        sign_seconds = time.perf_counter() - t0
+    q.put({"removed": sorted(removed), "seconds": elapsed, "sign_seconds": sign_seconds, "peak_mb": peak})
 
 
 def measure(name: str, docs: list[dict], bands: int, rows: int, workers: int) -> dict:
@@ -197,27 +260,32 @@ def main() -> None:
     docs, pairs = make_corpus(args.docs)
     n = len(docs)
     above = sum(j >= THRESHOLD for *_, j in pairs)
-    results = {name: measure(name, docs, args.bands, args.rows, args.workers) for name in ("refinery", "datatrove")}
-    rows = []
-    for name, r in results.items():
-        s = score(set(r["removed"]), pairs)
-        rows.append((name, s, n / r["seconds"], r["peak_mb"], len(r["removed"])))
-    (_, s_r, dps_r, mem_r, _), (_, s_d, dps_d, mem_d, _) = rows
+    results = {name: measure(name, docs, args.bands, args.rows, args.workers) for name in SYSTEMS}
+    scores = {name: score(set(r["removed"]), pairs) for name, r in results.items()}
     lines = [
         f"### dedup: {n} documents ({len(pairs)} edited copies, {above} at Jaccard >= {THRESHOLD}), "
         f"5-shingles, {args.bands}x{args.rows} bands, {args.workers} workers",
         "",
-        "| system | precision | recall | F1 | docs/s | peak RSS MB | removed |",
-        "|---|---|---|---|---|---|---|",
+        "| system | precision | recall | F1 | signatures docs/s | dedup docs/s | peak RSS MB | removed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, s, dps, mem, nrem in rows:
-        lines.append(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {dps:,.0f} | {mem:,.0f} | {nrem} |")
-    lines.append(f"| ratio refinery/datatrove | {s_r['precision'] / s_d['precision']:.2f} | {s_r['recall'] / s_d['recall']:.2f} | "
-                 f"{s_r['f1'] / s_d['f1']:.2f} | {dps_r / dps_d:.1f}x | {mem_r / mem_d:.2f} | |")
+    for name, r in results.items():
+        s = scores[name]
+        sign = f"{n / r['sign_seconds']:,.0f}" if r["sign_seconds"] else "n/a"
+        lines.append(f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {sign} | "
+                     f"{n / r['seconds']:,.0f} | {r['peak_mb']:,.0f} | {len(r['removed'])} |")
+    ref = results["refinery"]
+    for other in ("datatrove", "refinery+rensa", "rensa"):
+        o = results[other]
+        sign = (f"{o['sign_seconds'] / ref['sign_seconds']:.2f}x" if o["sign_seconds"] and ref["sign_seconds"]
+                else "n/a")  # ratio of times: > 1 means refinery signs faster
+        lines.append(f"| refinery vs {other}: dF1 (refinery - other); {other}/refinery for time and memory | "
+                     f"| | {scores['refinery']['f1'] - scores[other]['f1']:+.3f} | {sign} | "
+                     f"{o['seconds'] / ref['seconds']:.2f}x | {o['peak_mb'] / ref['peak_mb']:.2f}x | |")
     table = "\n".join(lines)
     print(table)
     if args.record:
-        record(table, "numpy", "duckdb", "datasketch", "datatrove")
+        record(table, "numpy", "duckdb", "datasketch", "datatrove", "rensa")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ small edit (a word substituted, a word deleted, or a few words appended), whose 
 their source (lower-cased word 5-shingles) is computed exactly. Copies are taken from a bounded reservoir
 sample of all earlier documents, so they land in other Parquet parts than their sources.
 
-Three phases, each in its own child process so its peak memory is its own: generate (DOCUMENT_SCHEMA
-Parquet parts through `PartWriter`, streamed), `run_dedup` and `run_filter` with default configs. The
-tables give wall time, docs/s, peak RSS, counts kept and dropped by reason, and how many planted
-duplicates dedup caught (recall), plus documents removed as duplicates that were not planted.
-`--record` appends the tables to bench/RESULTS.md with a machine description.
+Up to three phases, each in its own child process so its peak memory is its own: generate
+(DOCUMENT_SCHEMA Parquet parts through `PartWriter`, and the planted pairs, both streamed a batch at a
+time, so generation memory does not grow with `--docs`), `run_dedup` and `run_filter` with default
+configs (`--stages dedup` runs dedup alone, e.g. at 10 million documents). The tables give wall time,
+docs/s, peak RSS, counts kept and dropped by reason, dedup's own split (signatures, global step, the
+rest), and how many planted duplicates dedup caught (recall, counted in DuckDB), plus documents removed
+as duplicates that were not planted. `--record` appends the tables to bench/RESULTS.md with a machine
+description.
 
-    python -m bench.scale [--docs 1000000] [--workers 1] [--workdir DIR] [--keep] [--record]
+    python -m bench.scale [--docs 1000000] [--stages dedup,filter] [--workers 1] [--workdir DIR] [--keep] [--record]
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench.common import record
 from bench.dedup import jaccard
 
 PACKAGES = ("numpy", "pyarrow", "duckdb", "py3langid")
+STAGES = ("dedup", "filter")
 PLANTED_SCHEMA = pa.schema([("copy", pa.string()), ("source", pa.string()), ("kind", pa.string()),
                             ("jaccard", pa.float64())])
 BATCH = 10_000  # documents generated and written at a time
@@ -86,9 +91,9 @@ def near_copy(text: str, rng: random.Random, words: list[str]) -> str:
 
 
 def synthetic_documents(
-    n: int, exact_frac: float, near_frac: float, seed: int, planted: list[tuple[str, str, str, float]]
-) -> Iterator[pa.Table]:
-    """Yield DOCUMENT_SCHEMA tables of up to BATCH rows; planted copies are appended to `planted`."""
+    n: int, exact_frac: float, near_frac: float, seed: int
+) -> Iterator[tuple[pa.Table, list[tuple[str, str, str, float]]]]:
+    """Yield DOCUMENT_SCHEMA tables of up to BATCH rows, each with the planted copies it holds."""
     from refinery.storage.documents import DOCUMENT_SCHEMA
 
     words, probs = vocabulary()
@@ -103,6 +108,7 @@ def synthetic_documents(
         drawn = vocab[nrng.choice(len(words), int(lengths.sum()), p=probs)].tolist()
         offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
         ids, texts = [], []
+        planted: list[tuple[str, str, str, float]] = []
         for k in range(size):
             doc_id = f"d{start + k:07d}"
             r = rng.random()
@@ -125,7 +131,7 @@ def synthetic_documents(
                         reservoir[j] = (doc_id, text)
             ids.append(doc_id)
             texts.append(text)
-        yield pa.table(
+        yield (pa.table(
             {
                 "id": ids,
                 "text": pa.array(texts, pa.large_string()),
@@ -135,7 +141,7 @@ def synthetic_documents(
                 "meta": ["{}"] * size,
             },
             schema=DOCUMENT_SCHEMA,
-        )
+        ), planted)
 
 
 def generate(work: Path, n: int, exact_frac: float, near_frac: float, seed: int) -> dict[str, Any]:
@@ -145,17 +151,18 @@ def generate(work: Path, n: int, exact_frac: float, near_frac: float, seed: int)
     from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter
 
     writer = PartWriter(work / "input", DOCUMENT_SCHEMA, rows_per_part=100_000)
-    planted: list[tuple[str, str, str, float]] = []
     text_bytes = 0
-    with tqdm(total=n, desc="generate", unit="doc") as bar:
-        for table in synthetic_documents(n, exact_frac, near_frac, seed, planted):
+    with tqdm(total=n, desc="generate", unit="doc") as bar, \
+            pq.ParquetWriter(work / "planted.parquet", PLANTED_SCHEMA) as planted_w:
+        for table, planted in synthetic_documents(n, exact_frac, near_frac, seed):
             writer.write(table)
-            text_bytes += sum(table.column("bytes").to_pylist())
+            if planted:
+                copies, sources, kinds, sims = (list(c) for c in zip(*planted, strict=True))
+                planted_w.write_table(pa.table({"copy": copies, "source": sources, "kind": kinds, "jaccard": sims},
+                                               schema=PLANTED_SCHEMA))
+            text_bytes += pc.sum(table.column("bytes")).as_py() or 0
             bar.update(table.num_rows)
     outputs = writer.close()
-    copies, sources, kinds, sims = (list(c) for c in zip(*planted, strict=True)) if planted else ([], [], [], [])
-    pq.write_table(pa.table({"copy": copies, "source": sources, "kind": kinds, "jaccard": sims},
-                            schema=PLANTED_SCHEMA), work / "planted.parquet")
     parquet_mb = sum(o.bytes for o in outputs) / 1e6
     return {"in": None, "kept": n, "dropped": {}, "text_mb": text_bytes / 1e6, "parquet_mb": parquet_mb,
             "parts": len(outputs)}
@@ -182,7 +189,8 @@ def run_stage(name: str, work: Path, workers: int) -> dict[str, Any]:
         if executor is not None:
             executor.shutdown()
     c = result.counts
-    return {"in": c.in_, "kept": c.kept, "dropped": dict(c.dropped)}
+    split = {k: result.metrics[k] for k in ("seconds_signatures", "seconds_global") if k in result.metrics}
+    return {"in": c.in_, "kept": c.kept, "dropped": dict(c.dropped), "split": split}
 
 
 def _child(fn: Callable[..., dict[str, Any]], args: tuple, queue: Any) -> None:
@@ -213,27 +221,36 @@ def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 
 
 def planted_recall(work: Path, threshold: float) -> tuple[list[str], dict[str, Any]]:
-    """Table rows: planted duplicates caught by dedup (either member of the pair removed as a duplicate)."""
-    dropped = pq.read_table(work / "dedup" / "dropped.parquet", columns=["id", "reason"]).to_pylist()
-    removed = {r["id"] for r in dropped if r["reason"] in DUPLICATE_REASONS}
-    planted = pq.read_table(work / "planted.parquet").to_pylist()
-    groups: dict[str, list[bool]] = {"exact copies": [], f"near copies, Jaccard >= {threshold}": [],
-                                     f"near copies, Jaccard < {threshold}": []}
-    for p in planted:
-        caught = p["copy"] in removed or p["source"] in removed
-        if p["kind"] == "exact":
-            groups["exact copies"].append(caught)
-        elif p["jaccard"] >= threshold:
-            groups[f"near copies, Jaccard >= {threshold}"].append(caught)
-        else:
-            groups[f"near copies, Jaccard < {threshold}"].append(caught)
-    involved = {p["copy"] for p in planted} | {p["source"] for p in planted}
-    unplanted = len(removed - involved)
+    """Table rows: planted duplicates caught by dedup (either member of the pair removed as a duplicate).
+
+    Counted in DuckDB over the Parquet files, so that it needs no per-document Python set at 10 million.
+    """
+    import duckdb
+
+    dropped, planted = work / "dedup" / "dropped.parquet", work / "planted.parquet"
+    reasons = ", ".join(f"'{r}'" for r in DUPLICATE_REASONS)
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW removed AS SELECT DISTINCT id FROM '{dropped}' WHERE reason IN ({reasons})")
+    groups = con.execute(
+        f"""SELECT CASE WHEN p.kind = 'exact' THEN 0 WHEN p.jaccard >= {threshold} THEN 1 ELSE 2 END AS g,
+                   count(*) AS n,
+                   count(*) FILTER (WHERE c.id IS NOT NULL OR s.id IS NOT NULL) AS caught
+            FROM '{planted}' p LEFT JOIN removed c ON c.id = p.copy LEFT JOIN removed s ON s.id = p.source
+            GROUP BY g"""
+    ).fetchall()
+    unplanted = con.execute(
+        f"""SELECT count(*) FROM removed WHERE id NOT IN (SELECT copy FROM '{planted}')
+            AND id NOT IN (SELECT source FROM '{planted}')"""
+    ).fetchone()[0]
+    con.close()
+    labels = ["exact copies", f"near copies, Jaccard >= {threshold}", f"near copies, Jaccard < {threshold}"]
+    by_group = {g: (n, caught) for g, n, caught in groups}
     rows = []
-    for label, hits in groups.items():
-        share = f"{sum(hits) / len(hits):.4f}" if hits else "n/a"
-        note = " (not required: below the threshold)" if "<" in label else ""
-        rows.append(f"| {label} | {len(hits):,} | {sum(hits):,} | {share}{note} |")
+    for g, label in enumerate(labels):
+        n, caught = by_group.get(g, (0, 0))
+        share = f"{caught / n:.4f}" if n else "n/a"
+        note = " (not required: below the threshold)" if g == 2 else ""
+        rows.append(f"| {label} | {n:,} | {caught:,} | {share}{note} |")
     rows.append(f"| documents removed as duplicates that were not planted | | {unplanted:,} | |")
     return rows, {"unplanted": unplanted}
 
@@ -251,6 +268,8 @@ def main() -> None:
     ap.add_argument("--exact", type=float, default=0.05, help="fraction planted as exact copies")
     ap.add_argument("--near", type=float, default=0.05, help="fraction planted as near copies")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help="stages to run after generation: dedup,filter (default) or dedup alone")
     ap.add_argument("--workers", type=int, default=1,
                     help="1: each stage runs in-process; more: a process pool is passed as the stage's executor")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
@@ -259,6 +278,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.docs < 1 or not 0 <= args.exact + args.near < 1:
         ap.error("--docs must be >= 1 and --exact + --near in [0, 1)")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages) or stages[0] != "dedup" or len(set(stages)) != len(stages):
+        ap.error(f"--stages: dedup, then optionally filter (which reads dedup's output); got {args.stages!r}")
 
     from refinery.tasks.dedup import DedupConfig
 
@@ -269,11 +291,9 @@ def main() -> None:
     for path in ours:  # a fresh run: outputs of an earlier one would be reused by the stages
         remove(path)
     try:
-        phases = {
-            "generate": in_child(generate, work, args.docs, args.exact, args.near, args.seed),
-            "dedup": in_child(run_stage, "dedup", work, args.workers),
-            "filter": in_child(run_stage, "filter", work, args.workers),
-        }
+        phases = {"generate": in_child(generate, work, args.docs, args.exact, args.near, args.seed)}
+        for stage in stages:
+            phases[stage] = in_child(run_stage, stage, work, args.workers)
         recall_rows, _ = planted_recall(work, threshold)
     finally:
         if not args.keep:
@@ -289,13 +309,19 @@ def main() -> None:
         worker = f" (+ worker {r['worker_peak_mb']:,.0f})" if r["worker_peak_mb"] else ""
         rows.append(f"| {name} | {r['seconds']:,.1f} | {docs / r['seconds']:,.0f} | {r['peak_mb']:,.0f}{worker} | "
                     f"{'' if r['in'] is None else format(r['in'], ',')} | {r['kept']:,} | {dropped} |")
+        split = r.get("split") or {}
+        if split:  # dedup's own phases, from its metrics (same process: one peak RSS)
+            parts = {"signatures": split.get("seconds_signatures", 0.0), "global step": split.get("seconds_global", 0.0)}
+            parts["outputs and cache"] = max(r["seconds"] - sum(parts.values()), 0.0)
+            for part, sec in parts.items():
+                rows.append(f"| {name}: {part} | {sec:,.1f} | {docs / sec if sec else 0:,.0f} | | | | |")
     total = sum(r["seconds"] for r in phases.values())
     peak = max(r["peak_mb"] + r["worker_peak_mb"] for r in phases.values())
     rows.append(f"| total | {total:,.1f} | | {peak:,.0f} | | | |")
     mode = "in-process" if args.workers == 1 else f"a {args.workers}-process executor"
     table = "\n".join([
         f"### scale: {args.docs:,} synthetic documents ({gen['text_mb']:,.0f} MB of text, {gen['parquet_mb']:,.0f} MB "
-        f"in {gen['parts']} Parquet parts) through dedup and filter, default configs, stages {mode}",
+        f"in {gen['parts']} Parquet parts) through {' and '.join(stages)}, default configs, stages {mode}",
         "",
         "| phase | seconds | docs/s | peak RSS MB | in | kept | dropped by reason |",
         "|---|---:|---:|---:|---:|---:|---|",

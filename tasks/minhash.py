@@ -154,6 +154,28 @@ class MinHasher:
         return LeanMinHash(seed=self.seed, hashvalues=signature, scheme="affine32")
 
 
+def rensa_signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
+    """`(n_docs, num_perm)` uint32 R-MinHash signatures from rensa (Rust), over the same shingle hashes.
+
+    Rensa's permutations are its own, so these signatures differ from datasketch's
+    (`MinHasher`) while estimating the same Jaccard similarity. A document without
+    shingles gets all `MAX_HASH`, as with `MinHasher`. rensa is an optional dependency.
+    """
+    import rensa
+
+    n_docs = len(offsets) - 1
+    sigs = np.full((n_docs, num_perm), MAX_HASH, dtype=np.uint32)
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    if len(nonempty) == 0:
+        return sigs
+    # Empty documents own no shingles: dropping their repeated offsets leaves the rows of the others.
+    sub_offsets = (np.concatenate([offsets[:1], offsets[nonempty + 1]]) - offsets[0]).astype(np.uint64)
+    flat = np.ascontiguousarray(hashes[offsets[0] : offsets[-1]], dtype=np.uint64)
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, sub_offsets, num_perm, seed)
+    sigs[nonempty] = np.array(matrix.to_rows(), dtype=np.uint32)
+    return sigs
+
+
 def datasketch_minhash(shingles: Sequence[int], num_perm: int = 128, seed: int = 1) -> MinHash:
     """The same signature computed by datasketch's own `MinHash` (reference for tests)."""
     m = MinHash(num_perm=num_perm, seed=seed, hashfunc=int, scheme="affine32")

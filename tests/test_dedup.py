@@ -6,13 +6,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter, document_files, read_table
-from refinery.tasks.dedup import DedupConfig, run_dedup
-from refinery.tasks.minhash import MinHasher, datasketch_minhash, exact_jaccard, shingle_hashes
+from refinery.tasks.dedup import DedupConfig, _Index, _set_jaccard, cluster_id, min_labels, run_dedup
+from refinery.tasks.minhash import (
+    MinHasher,
+    band_hashes,
+    datasketch_minhash,
+    exact_jaccard,
+    rensa_signatures,
+    shingle_hashes,
+)
 from refinery.tasks.normalize import NormalizeConfig, normalize, normalize_words
 
 
@@ -214,3 +224,156 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValidationError, match="shingles"):
         DedupConfig(shingles=3)
     assert DedupConfig(threshold=0.8, num_perm=128).lsh_params() == (14, 9)
+
+
+# --- The global step's memory design: numpy union-find, batched Jaccard, streamed decisions. ---
+
+
+def reference_components(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    """Plain union-find: each node's smallest connected node."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [find(x) for x in range(n)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 60).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=120))))
+def test_min_labels_equals_a_reference_union_find(graph):
+    n, edges = graph
+    a = np.array([e[0] for e in edges], np.int64)
+    b = np.array([e[1] for e in edges], np.int64)
+    assert min_labels(n, a, b).tolist() == reference_components(n, edges)
+
+
+def test_min_labels_on_a_long_chain_and_a_star():
+    n = 5000
+    order = np.random.default_rng(3).permutation(n)  # a path visiting the nodes in random order
+    labels = min_labels(n, order[:-1], order[1:])
+    assert (labels == 0).all()
+    star = min_labels(n, np.full(n - 1, n - 1), np.arange(n - 1))
+    assert (star == 0).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sets(st.integers(0, 40), max_size=30), st.sets(st.integers(0, 40), max_size=30)),
+                min_size=1, max_size=30))
+def test_batched_set_jaccard_equals_exact_jaccard(pairs):
+    def lists(sets: list[set[int]]) -> pa.ListArray:
+        return pa.array([sorted(s) for s in sets], pa.list_(pa.uint32()))
+
+    got = _set_jaccard(lists([p[0] for p in pairs]), lists([p[1] for p in pairs]))
+    want = [exact_jaccard(np.array(sorted(x), np.uint32), np.array(sorted(y), np.uint32)) for x, y in pairs]
+    assert got.tolist() == want  # the same float, bit for bit: the threshold comparison must not move
+
+
+def reference_dedup(texts: dict[str, str], cfg: DedupConfig) -> tuple[dict[str, str], dict[str, str | None]]:
+    """The dedup contract in plain Python on small data: (dropped id -> kept id, kept id -> its cluster's survivor).
+
+    Same normalisation, signatures and band keys as the stage; candidate pairs from every shared bucket (buckets
+    stay under `max_bucket_pairs` here), the exact Jaccard check, a union-find, survivor = smallest source URI.
+    """
+    ids = sorted(texts, key=lambda i: f"mem://{i}")  # node order: source URI
+    words = normalize_words([texts[i] for i in ids], cfg.normalize)
+    norm = [" ".join(w) for w in words.to_pylist()]
+    h, o = shingle_hashes(words, cfg.shingle_size)
+    sigs = MinHasher(cfg.num_perm, cfg.seed).signatures(h, o)
+    bands, rows = cfg.lsh_params()
+    keys = band_hashes(sigs, bands, rows)
+    rep = {}
+    for k, t in enumerate(norm):
+        rep.setdefault(t, k)
+    reps = sorted(set(rep.values()))
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for k in reps:
+        if o[k + 1] > o[k]:
+            for j in range(bands):
+                buckets.setdefault((j, int(keys[k, j])), []).append(k)
+    edges = set()
+    for members in buckets.values():
+        assert len(members) <= cfg.max_bucket_pairs
+        for x in members:
+            for y in members:
+                if x < y and exact_jaccard(h[o[x] : o[x + 1]], h[o[y] : o[y + 1]]) >= cfg.threshold:
+                    edges.add((x, y))
+    root = reference_components(len(ids), sorted(edges))
+    final = [root[rep[norm[k]]] for k in range(len(ids))]
+    size = {r: final.count(r) for r in set(final)}
+    dropped = {ids[k]: ids[final[k]] for k in range(len(ids)) if final[k] != k}
+    kept = {ids[k]: (ids[k] if size[final[k]] > 1 else None) for k in range(len(ids)) if final[k] == k}
+    return dropped, kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_global_step_equals_a_plain_python_reference(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    vocab = [f"v{i}" for i in range(400)]
+    texts: dict[str, str] = {}
+    for g in range(12):  # groups of edited copies: chains of small edits, exact copies, unrelated documents
+        base = list(rng.choice(vocab, size=int(rng.integers(30, 70))))
+        texts[f"g{g}_0"] = " ".join(base)
+        for c in range(1, int(rng.integers(1, 5))):
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                texts[f"g{g}_{c}"] = " ".join(base).upper()  # an exact duplicate after normalisation
+            else:
+                base = list(base)
+                base[int(rng.integers(0, len(base)))] = str(rng.choice(vocab))
+                if kind == 2:
+                    base.append(str(rng.choice(vocab)))
+                texts[f"g{g}_{c}"] = " ".join(base)
+    texts["empty"] = ""
+    texts["also_empty"] = "   "
+    shuffled = dict(sorted(texts.items(), key=lambda kv: rng.random()))  # input order is not node order
+    cfg = DedupConfig(batch_size=7)
+    files = write_docs(tmp_path / "in", shuffled)
+    run_dedup(files, tmp_path / "dedup", cfg, progress=False)
+    want_dropped, want_kept = reference_dedup(texts, cfg)
+    got_dropped = {r["id"]: r["detail"].split()[0].removeprefix("kept=")
+                   for r in read_table([tmp_path / "dedup" / "dropped.parquet"]).to_pylist()}
+    assert got_dropped == want_dropped
+    assert len(want_dropped) >= 10  # the corpus does exercise clusters
+    kept = {r["id"]: r["minhash_cluster"] for r in read_table(document_files(tmp_path / "dedup")).to_pylist()}
+    assert set(kept) == set(want_kept)
+    assert kept == {i: (None if s is None else cluster_id(s)) for i, s in want_kept.items()}
+
+
+def test_signature_cache_lookup_with_repeated_ids(tmp_path):
+    """The numpy cache index: an id found twice in the cache reuses the last entry's hash, as a dict would."""
+    a, b = " ".join(words("p", 40)), " ".join(words("q", 40))
+    stage = tmp_path / "dedup"
+    stage.mkdir()
+    cfg = DedupConfig()
+    run_dedup(write_docs(tmp_path / "in", {"x": a, "y": b}), stage, cfg, progress=False)
+    index = _Index(stage, cfg)
+    entry, known = index.lookup(pa.array(["y", "zz", "x"]))
+    assert entry.tolist() == [1, -1, 0]
+    assert known[1] is None and known[0] != known[2] and len(known[0]) == 16
+
+
+def test_rensa_backend_signs_differently_but_decides_alike(tmp_path):
+    hi_a, hi_b = pair_at(95)
+    texts = {"a": hi_a, "b": hi_b, "c": " ".join(words("c", 60)), "d": hi_a.upper(), "e": ""}
+    files = write_docs(tmp_path / "in", texts)
+    w = normalize_words([hi_a])
+    h, o = shingle_hashes(w, 5)
+    assert not np.array_equal(rensa_signatures(h, o, 64, 1), MinHasher(64, 1).signatures(h, o))
+    empty = rensa_signatures(*shingle_hashes(normalize_words(["", "x y"]), 5), 64, 1)
+    assert (empty[0] == 0xFFFFFFFF).all() and not (empty[1] == 0xFFFFFFFF).all()
+    stage = tmp_path / "dedup"
+    numpy_run = decisions_of_fresh(files, tmp_path / "numpy")
+    run_dedup(files, stage, DedupConfig(minhash_backend="rensa"), progress=False)
+    assert decisions(stage) == numpy_run == ({"a", "c", "e"}, {"b": "near_duplicate", "d": "exact_duplicate"})
+    # The cache records the scheme: switching backends never mixes signatures.
+    again = run_dedup(files, stage, DedupConfig(), progress=False)
+    assert again.extra["signature_cache_ignored"] == "other signature settings"
