@@ -262,10 +262,14 @@ def iter_batches(
     columns: list[str] | None = None,
     batch_size: int = ROW_GROUP_SIZE,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream record batches from Parquet files in order, with bounded memory."""
+    """Stream record batches from Parquet files in order, with bounded memory.
+
+    Pre-buffering is off: with it, a reader keeps every byte it has read until it is closed, so one large
+    file would be held in memory whole.
+    """
     for path in paths:
-        pf = pq.ParquetFile(path)
-        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def count_rows(paths: Iterable[str | os.PathLike[str]]) -> int:
