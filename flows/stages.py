@@ -121,7 +121,7 @@ PIPELINE = Graph((
           views=(PARTS, View("quarantine", "quarantine.parquet"))),
     Stage("dedup", DedupConfig, ("ingest",), dedup, Documents, version=2,  # 2: decisions from the current input alone
           summary="normalisation, exact and MinHash near-duplicates", views=(PARTS,)),
-    Stage("filter", filter_config, ("dedup",), filter_documents, Documents, version=3,  # 2: words as str.split(); 3: lid.176 language ID
+    Stage("filter", filter_config, ("dedup",), filter_documents, Documents, version=3,  # 2: words as str.split(); 3: lid.176 language ID, rechecked on prose lines
           summary="quality rules, language ID, PII, safety, decontamination",
           artifacts=("drop_reasons.png",), views=(PARTS, View("signals", "signals-*.parquet"))),
     Stage("tokenizer", TokenizerConfig, ("filter",), train_tokenizer, TokenizerFile, version=2,  # 2: split by text

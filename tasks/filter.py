@@ -60,7 +60,7 @@ from refinery.tasks.quality.secrets import may_hold_secrets
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
-SIGNALS_VERSION = 3  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default
+SIGNALS_VERSION = 4  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default; 4: prose recheck
 CHART = "drop_reasons.png"
 
 

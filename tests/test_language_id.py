@@ -112,3 +112,25 @@ def test_decisions_on_labelled_multilingual_documents() -> None:
             assert sorted(set(kept)) == sorted(languages), (backend, languages, kept)
             assert len(kept) == 3 * len(languages)  # every document of a kept language, nothing else
             assert {r for r in reason if r} == {"lang_below_threshold"}
+
+
+def test_prose_recheck_lifts_documentation_with_code_but_not_junk() -> None:
+    """English prose around code samples is English; a page of symbols or of another language stays what it is."""
+    import pyarrow as pa
+
+    from refinery.tasks.quality.base import Batch
+    from refinery.tasks.quality.language import LanguageRules
+
+    code = "\n".join(f"    x{i} = json.loads(s[{i}:], object_hook=lambda d: {{k: v for k, v in d.items()}})"
+                     for i in range(12))
+    doc = ("The decoder reads a document and returns the Python object it describes.\n" + code +
+           "\nIt raises an error when the document is not valid, naming the line and column where it stopped.\n")
+    junk = "\n".join("#@! $%^ &*() ~~ {{}} || ;; <<>> == ++ --" for _ in range(20))
+    german = "Der Bäcker backt jeden Morgen frisches Brot für die ganze Nachbarschaft und die Schule."
+    texts = pa.array([doc, junk, german])
+    plain = LanguageRules(prose_recheck=False).signals(Batch(texts))
+    checked = LanguageRules().signals(Batch(texts))
+    assert plain["lang"].to_pylist()[0] == "en" and plain["lang_score"][0] < 0.65
+    assert checked["lang"].to_pylist()[0] == "en" and checked["lang_score"][0] >= 0.65
+    assert checked["lang_score"][1] == plain["lang_score"][1]  # no prose line: the same text, the same score
+    assert checked["lang"].to_pylist()[2] == "de" and checked["lang_score"][2] == plain["lang_score"][2]
