@@ -111,7 +111,7 @@ class TrainConfig(BaseModel):
     seq_len: int | None = Field(default=None, ge=8, description="context length; the preset's when None")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward, per process")
     tokens_per_step: int = Field(
-        default=4096, ge=1, description="tokens per optimizer step, all processes together"
+        default=2048, ge=1, description="tokens per optimizer step, all processes together (2048: one micro-batch of 8x256)"
     )
     max_steps: int = Field(
         default=300, ge=1, description="optimizer steps; also the length of the cosine schedule"
