@@ -12,13 +12,12 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    """The machine's CPU model name, as the precision cache keys it."""
+    from refinery.model.precision import (
+        cpu_model as model_name,  # imports torch: only when a table is recorded
+    )
+
+    return model_name()
 
 
 def machine(*packages: str) -> str:
