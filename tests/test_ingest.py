@@ -367,18 +367,20 @@ def test_ocr_branches_without_tesseract(tmp_path: Path) -> None:
 def test_per_file_time_limit_quarantines_slow_files(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     raw.mkdir()
-    # A JSON array is parsed whole, under the per-file limit; JSON Lines are a dataset, streamed
-    # by record with no per-file time limit, so the same records as lines all come through.
-    records = [{"text": f"line {i}"} for i in range(300_000)]
-    (raw / "slow.json").write_text(json.dumps(records))
+    # A document file (HTML) is parsed whole, under the per-file limit; a JSON array and JSON Lines
+    # are datasets, streamed by record with no per-file time limit, so all their records come through.
+    records = [{"text": f"line {i}"} for i in range(100_000)]
+    (raw / "slow.html").write_text("<html><body>" + "".join(f"<p>paragraph {i}</p>" for i in range(100_000))
+                                   + "</body></html>")  # fmt: skip
+    (raw / "array.json").write_text(json.dumps(records))
     (raw / "streamed.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (raw / "fast.txt").write_text(PROSE)
     cfg = IngestConfig(file_timeout_s=0.05, workers=1)
     result = run_ingest([str(raw)], tmp_path / "ingest", cfg, progress=False)
     assert result.counts.dropped == {"timeout": 1}
-    assert result.counts.kept == 1 + len(records)
+    assert result.counts.kept == 1 + 2 * len(records)
     row = pq.read_table(tmp_path / "ingest" / QUARANTINE_FILE).to_pylist()[0]
-    assert row["source"] == local_uri(str(raw / "slow.json"))
+    assert row["source"] == local_uri(str(raw / "slow.html"))
 
 
 def test_unstructured_readers_work_with_the_network_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,7 +77,8 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 _CONFIG_KEY = b"refinery.ingest.parse_config"
-PARSE_VERSION = 2  # 2: dataset files streamed by record (text field detection, meta columns, CSV/TSV)
+PARSE_VERSION = 3  # 2: dataset files streamed by record (text field detection, meta columns, CSV/TSV);
+# 3: JSON arrays streamed by element, archives by member (limits per member), WARC files split into units
 
 
 def parse_config_hash(cfg: IngestConfig) -> str:
@@ -371,6 +372,9 @@ def _estimate_batches(files: list[SourceFile], cfg: IngestConfig) -> int:
             continue
         if kind == "jsonl" and sf.size > cfg.batch_bytes:
             n += -(-sf.size // cfg.batch_bytes)
+            continue
+        if kind == "warc" and sf.size > cfg.batch_bytes and sf.rel.lower().endswith((".warc", ".warc.gz")):
+            n += -(-sf.size // cfg.batch_bytes)  # split at record starts (`units.file_units`)
             continue
         if count and (count >= cfg.batch_files or size + max(sf.size, 0) > cfg.batch_bytes):
             n, count, size = n + 1, 0, 0

@@ -1,15 +1,19 @@
 """Work units: the descriptors sent to workers, and how dataset files are streamed record by record.
 
-A *dataset* file (JSON Lines, Parquet, Arrow IPC, CSV/TSV, WARC) is read as a stream of
-records: memory is bounded by a batch of records, never by the file, and limits apply per
-record (`max_record_bytes`), not per file (`max_file_bytes`, `file_timeout_s` and, within
-reason, `max_decompressed_bytes` do not apply). Other files (PDF, DOCX, HTML, text, archives...)
-are single documents or small containers, read whole under the per-file limits.
+A *dataset* file (JSON Lines, a JSON array, Parquet, Arrow IPC, CSV/TSV, WARC) is read as a
+stream of records: memory is bounded by a batch of records, never by the file, and limits apply
+per record (`max_record_bytes`), not per file (`max_file_bytes`, `file_timeout_s` and, within
+reason, `max_decompressed_bytes` do not apply). Zip and tar archives are streamed too, member by
+member (see `formats/archives.py`: each member is held to the per-file limits, all of them to
+`max_decompressed_bytes`). Other files (PDF, DOCX, HTML, text...) are single documents, read
+whole under the per-file limits.
 
 A big dataset file is split into units so several workers share it: Parquet by ranges of
 row groups, uncompressed JSON Lines by byte ranges cut at line starts (found by one scan that
-also counts lines and hashes the file). A compressed stream, CSV, Arrow IPC and WARC are one
-unit each. A unit is a descriptor (file, range, number of its first record), never file data;
+also counts lines and hashes the file), WARC (plain, or gzip with one member per record) by
+byte ranges cut at record starts (found by one pass over the record headers that also counts
+records and hashes the file). A compressed stream, a JSON array, CSV, Arrow IPC and archives are
+one unit each. A unit is a descriptor (file, range, number of its first record), never file data;
 record numbers (`#n`) are positions in the whole file, so ids don't depend on the split.
 """
 
@@ -26,10 +30,15 @@ from refinery.tasks.ingest.compression import COMPRESSION, open_stream
 from refinery.tasks.ingest.config import IngestConfig
 from refinery.tasks.ingest.formats import format_for
 from refinery.tasks.ingest.sources import SourceFile, open_source
+from refinery.tasks.ingest.watchdog import FileTimeout
 
-DATASET_KINDS = frozenset({"jsonl", "parquet", "arrow", "csv", "warc"})
-_STREAMED_WHEN_COMPRESSED = frozenset({"jsonl", "csv", "warc"})  # Parquet and Arrow need random access
+DATASET_KINDS = frozenset({"jsonl", "json", "parquet", "arrow", "csv", "warc", "zip", "tar"})
+# Parquet, Arrow and zip need random access: compressed, they are decompressed whole under the per-file limits
+_STREAMED_WHEN_COMPRESSED = frozenset({"jsonl", "json", "csv", "warc", "tar"})
 SCAN_BLOCK = 8 * 2**20
+_NOT_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit, FileTimeout)  # never a quarantine row
+_SPLIT_WARC = (".warc", ".warc.gz")  # record offsets are seekable: plain, or one gzip member per record
+_PROBE_FAILURES = 8  # candidate cuts that are not record starts before a .warc.gz counts as one gzip stream
 PARQUET_RATIO = 4  # Parquet units are cut by uncompressed size; a file this much smaller than a unit may hold several
 
 
@@ -38,7 +47,7 @@ class Unit:
     """One piece of work: a whole file, or a range of a dataset file.
 
     `kind` is the dataset kind streamed (None: the file is read whole under the per-file
-    limits). `start`/`stop` are row groups (Parquet) or byte offsets (JSON Lines), `stop=-1`
+    limits). `start`/`stop` are row groups (Parquet) or byte offsets (JSON Lines, WARC), `stop=-1`
     meaning the end; `first` is the record number of the range's first record. `part` counts
     the units of one file from 0 and `last` marks its final one. `sha256` is the file's hash
     when the planner already knows it; `hash_file` asks this unit to compute it.
@@ -63,6 +72,8 @@ class Unit:
 def dataset_kind(rel: str) -> str | None:
     """The dataset kind of a file by its name (compression suffixes peeled), None for other files."""
     name, compressed = rel, False
+    if split_name(rel)[1] == ".tgz":
+        return "tar"
     while (ext := split_name(name)[1]) in COMPRESSION and ext != ".tgz":
         name, compressed = name[: -len(ext)], True
     fmt = format_for(name)
@@ -81,7 +92,7 @@ def _compressed(rel: str) -> bool:
 
 
 def file_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
-    """The units of one file: several for a big Parquet or uncompressed JSON Lines file, else one."""
+    """The units of one file: several for a big Parquet, uncompressed JSON Lines or WARC file, else one."""
     kind = None if sf.error else dataset_kind(sf.rel)
     if kind is None:
         yield Unit(sf)
@@ -90,6 +101,8 @@ def file_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
         yield from _parquet_units(sf, cfg)
     elif sf.size > cfg.batch_bytes and kind == "jsonl" and not _compressed(sf.rel):
         yield from _jsonl_units(sf, cfg)
+    elif sf.size > cfg.batch_bytes and kind == "warc" and sf.rel.lower().endswith(_SPLIT_WARC):
+        yield from _warc_units(sf, cfg)
     else:
         yield Unit(sf, kind, hash_file=True)
 
@@ -157,6 +170,77 @@ def _jsonl_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
     yield Unit(sf, "jsonl", start, -1, first, part, True, sha256=h.hexdigest(), nbytes=offset - start)
 
 
+class _Hashing(io.RawIOBase):
+    """A raw stream that hashes what is read through it (the planner's scan doubles as the file's hash)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha256.update(data)
+        self.count += n
+        return n
+
+    def tell(self) -> int:  # FastWARC asks where it starts; the stream itself cannot seek
+        return self.count
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the file."""
+        while self.read(SCAN_BLOCK):
+            pass
+
+
+def _warc_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
+    """Byte ranges cut at record starts, found by one pass over the record headers that also counts
+    the records (so `#n` is the record's number in the whole file, as in a whole-file read) and
+    hashes the file. Yielded as found, so workers start on the first while the pass goes on.
+
+    A .warc.gz is cut only where a gzip member opens with a WARC header (one member per record, as
+    crawlers write them); one gzip stream over the whole file stays one unit. Where the pass stops
+    on a record it can't read, the rest of the file from the last good record is the final unit,
+    whose reader quarantines that record and resynchronises as a whole-file read would.
+    """
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    from refinery.tasks.ingest.formats.warc import opens_record
+
+    gzipped = sf.rel.lower().endswith(".gz")
+    start = first = part = count = failures = 0
+    target = cfg.batch_bytes
+    try:
+        with open_source(sf) as f, open_source(sf) as probe:
+            hashed = _Hashing(f)
+            records = ArchiveIterator(hashed, record_types=WarcRecordType.any_type, parse_http=False,
+                                      buffer_size=1 << 20)
+            for record in records:
+                at = record.stream_pos
+                if at >= target and failures < _PROBE_FAILURES:
+                    if opens_record(probe, at, gzipped):
+                        yield Unit(sf, "warc", start, at, first, part, False, nbytes=at - start)
+                        start, first, part, target = at, count, part + 1, at + cfg.batch_bytes
+                    else:
+                        failures += 1
+                        if failures == _PROBE_FAILURES and part == 0:
+                            break  # one gzip stream: nothing to cut, only the hash to finish
+                count += 1
+            hashed.drain()
+    except _NOT_CAUGHT:
+        raise
+    except BaseException:  # noqa: BLE001 (a record the pass can't read, a FastWARC panic: the last unit says)
+        yield Unit(sf, "warc", start, -1, first, part, True, hash_file=True, nbytes=max(sf.size - start, 0))
+        return
+    yield Unit(sf, "warc", start, -1, first, part, True, sha256=hashed.sha256.hexdigest(),
+               nbytes=hashed.count - start)
+
+
 # -- reading a unit (in a worker) -------------------------------------------------------------
 
 
@@ -221,6 +305,11 @@ def unit_items(unit: Unit, ctx: Context) -> Iterator[Item | Rows]:
             else:
                 _, stream = open_stream(sf.rel, raw, cfg.max_decompressed_bytes)
             yield from stream_jsonl(stream, ctx, unit.first)
+    elif kind == "json":
+        from refinery.tasks.ingest.formats.jsonl import stream_json
+
+        with open_source(sf) as raw:
+            yield from stream_json(open_stream(sf.rel, raw, cfg.max_decompressed_bytes)[1], ctx)
     elif kind == "csv":
         from refinery.tasks.ingest.formats.tabular import stream_csv
 
@@ -237,27 +326,32 @@ def unit_items(unit: Unit, ctx: Context) -> Iterator[Item | Rows]:
             for raw in opened:
                 raw.close()
     elif kind == "warc":
-        yield from _warc_items(sf, ctx)
+        yield from _warc_items(unit, ctx)
+    elif kind in ("zip", "tar"):
+        from refinery.tasks.ingest.formats.archives import stream_archive
+
+        with open_source(sf) as raw:
+            yield from stream_archive(sf.rel, raw, ctx)
     else:
         raise ValueError(f"not a dataset kind: {kind!r}")
 
 
-def _warc_items(sf: SourceFile, ctx: Context) -> Iterator[Item]:
-    """WARC responses: streamed by the WARC module's `read_warc_stream` when it has one, else read whole."""
-    from refinery.tasks.ingest.formats import read_blob, warc
+def _warc_items(unit: Unit, ctx: Context) -> Iterator[Item]:
+    """WARC responses of a unit: the records that start in its byte range, numbered from `unit.first`."""
+    from refinery.tasks.ingest.formats.warc import read_warc_stream
 
-    stream_reader = getattr(warc, "read_warc_stream", None)
-    limit = ctx.cfg.max_record_bytes
-    if stream_reader is not None:
-        with open_source(sf) as f:
-            items: Iterator[Item] = stream_reader(sf.rel, f, ctx)
-            yield from _record_limit(items, limit)
-        return
-    with open_source(sf) as f:
-        data = f.read()
-    if not data:
-        raise ReadError("empty", "zero-byte file")
-    yield from _record_limit(read_blob(sf.rel, data, ctx), limit)
+    with open_source(unit.file) as f:
+        if unit.start:
+            f.seek(unit.start)
+        try:
+            yield from _record_limit(read_warc_stream(unit.file.rel, f, ctx, unit.first, unit.stop),
+                                     ctx.cfg.max_record_bytes)
+        except _NOT_CAUGHT:
+            raise
+        except Exception:
+            raise
+        except BaseException as exc:  # a panic in FastWARC's Rust code: one row, not a crash
+            raise ReadError("corrupt", f"WARC reader failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _record_limit(items: Iterator[Item], limit: int) -> Iterator[Item]:

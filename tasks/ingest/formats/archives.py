@@ -1,12 +1,19 @@
-"""Zip and tar archives, walked in memory as folders: members are dispatched by name like files.
+"""Zip and tar archives, walked as folders: members are dispatched by name like files.
+
+An archive file is read from its open file, never whole: a tar (plain or compressed) is walked
+as a stream, member after member (`tarfile` mode `r|*`), a zip through its central directory.
+A member that is a dataset (JSON Lines, JSON, WARC, optionally compressed) is streamed through
+its reader, record by record; any other member is read into memory (at most `max_file_bytes`)
+and parsed under `file_timeout_s`. An archive inside an archive is read from its bytes.
 
 Never extracted to disk, so a `../` or absolute member can't land anywhere (it is
 quarantined as `unsafe_path`). Records are numbered across all members (`#n`), and
 `meta.member` names the member (`outer.zip/inner.txt` for nested archives).
 
-An archive that trips a limit (`max_decompressed_bytes`, or more than `MAX_MEMBERS`
-members in one archive) raises `decompression_limit` naming the limit and the member
-where it tripped; the file guard then keeps nothing of it, so a bomb is one quarantine row.
+An archive that trips a limit (`max_decompressed_bytes`, which every member's bytes are
+charged to, or more than `MAX_MEMBERS` members in one archive) raises `decompression_limit`
+naming the limit and the member where it tripped; nothing of it is kept, so a bomb is one
+quarantine row.
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
-from refinery.tasks.ingest.base import Context, Doc, Format, Item, Problem, ReadError
+from refinery.tasks.ingest.base import Context, Doc, Format, Item, Problem, ReadError, Rows
+from refinery.tasks.ingest.compression import open_stream
 from refinery.tasks.ingest.sources import glob_match
-from refinery.tasks.ingest.watchdog import FileTimeout
+from refinery.tasks.ingest.watchdog import FileTimeout, time_limit
 
 MAX_DEPTH = 3  # archives inside archives inside archives
 MAX_MEMBERS = 10_000  # files in one archive; with MAX_DEPTH and the byte budget this bounds the work
+STREAMED_MEMBERS = frozenset({"jsonl", "json", "warc"})  # dataset kinds read from a member as a stream
 
 
 class ArchiveLimit(ReadError):
@@ -61,13 +70,25 @@ def _enter(ctx: Context) -> None:
         raise ReadError("unsupported_format", f"archive nested deeper than {MAX_DEPTH} levels")
 
 
-def _member_items(member: str, data: bytes, ctx: Context) -> Iterator[Item]:
-    """Items of one archive member, with file-level errors turned into a Problem."""
+def _member_items(member: str, data: bytes, ctx: Context, guard: bool = False) -> Iterator[Item]:
+    """Items of one archive member, with file-level errors turned into a Problem.
+
+    `guard`: parse under `file_timeout_s` of its own (a member of an archive read as a stream;
+    an archive read whole is under its file's time limit already).
+    """
     from refinery.tasks.ingest.formats import read_blob  # the registry imports this module
 
     ctx.depth += 1
     try:
-        items = list(read_blob(member, data, ctx))
+        if guard:
+            try:
+                with time_limit(ctx.cfg.file_timeout_s):
+                    items = list(read_blob(member, data, ctx))
+            except FileTimeout:
+                why = f"parsing took longer than file_timeout_s={ctx.cfg.file_timeout_s}"
+                items = [Problem("timeout", why)]
+        else:
+            items = list(read_blob(member, data, ctx))
     except ReadError as exc:
         if exc.reason == "decompression_limit":
             raise _limit_at(member, exc) from None
@@ -81,15 +102,81 @@ def _member_items(member: str, data: bytes, ctx: Context) -> Iterator[Item]:
     if not items:
         items = [Problem("no_records", "member holds no records")]
     for item in items:
-        if isinstance(item, Doc):
-            inner = item.meta.pop("member", None)  # a member of a nested archive: join the paths
-            record = item.meta.pop("member_record", None) if inner else item.pos
-            item.meta["member"] = f"{member}/{inner}" if inner else member
-            if record is not None:
-                item.meta["member_record"] = record
+        yield _in_member(member, item)
+
+
+def _in_member(member: str, item: Item) -> Item:
+    """An item of a member, saying so: `meta.member` (joined for nested archives), or the error prefixed."""
+    if isinstance(item, Doc):
+        inner = item.meta.pop("member", None)  # a member of a nested archive: join the paths
+        record = item.meta.pop("member_record", None) if inner else item.pos
+        item.meta["member"] = f"{member}/{inner}" if inner else member
+        if record is not None:
+            item.meta["member_record"] = record
+    else:
+        item.error = f"member {member!r}: {item.error}"
+    return item
+
+
+class _Charged(io.RawIOBase):
+    """A member's bytes as they are read, each charged to the archive's `max_decompressed_bytes` budget."""
+
+    def __init__(self, f: Any, ctx: Context) -> None:
+        self.f = f
+        self.ctx = ctx
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.f.read(len(b))
+        n = len(data)
+        self.ctx.charge(n)
+        b[:n] = data
+        return n
+
+
+def _streamed_kind(member: str) -> str | None:
+    """The dataset kind of a member read as a stream, None for members read whole."""
+    from refinery.tasks.ingest.units import dataset_kind  # units imports the format registry
+
+    kind = dataset_kind(member)
+    return kind if kind in STREAMED_MEMBERS else None
+
+
+def _streamed_member(member: str, kind: str, f: BinaryIO, ctx: Context) -> Iterator[Item]:
+    """A dataset member streamed through its reader: one record at a time, never the member whole."""
+    from refinery.tasks.ingest.formats.jsonl import stream_json, stream_jsonl
+    from refinery.tasks.ingest.formats.warc import read_warc_stream
+
+    count = 0
+    try:
+        charged = io.BufferedReader(_Charged(f, ctx), 1 << 20)
+        inner, stream = open_stream(member, charged, ctx.cfg.max_decompressed_bytes)
+        if kind == "jsonl":
+            items: Iterator[Item | Rows] = stream_jsonl(stream, ctx)
+        elif kind == "json":
+            items = stream_json(stream, ctx)
         else:
-            item.error = f"member {member!r}: {item.error}"
-        yield item
+            items = read_warc_stream(inner, stream, ctx)
+        for item in items:
+            for one in item.docs() if isinstance(item, Rows) else (item,):
+                count += 1
+                yield _in_member(member, one)
+    except ReadError as exc:
+        if exc.reason == "decompression_limit":
+            raise _limit_at(member, exc) from None
+        count += 1
+        yield _in_member(member, Problem(exc.reason, exc.message))
+    except (FileTimeout, MemoryError):
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error):
+        raise  # the archive itself is broken: its reader says so
+    except Exception as exc:  # noqa: BLE001 (one bad member must not lose its siblings)
+        count += 1
+        yield _in_member(member, Problem("parse_error", f"{type(exc).__name__}: {exc}"))
+    if not count:
+        yield _in_member(member, Problem("no_records", "member holds no records"))
 
 
 def _bounded_read(f: Any, limit: int, ctx: Context) -> bytes:
@@ -111,12 +198,13 @@ def _number(items: Iterator[Item]) -> Iterator[Item]:
 
 def read_zip(name: str, data: bytes, ctx: Context) -> Iterator[Item]:
     _enter(ctx)
-    yield from _number(_zip_items(data, ctx))
+    yield from _number(_zip_items(io.BytesIO(data), ctx))
 
 
-def _zip_items(data: bytes, ctx: Context) -> Iterator[Item]:
+def _zip_items(f: BinaryIO, ctx: Context, streamed: bool = False) -> Iterator[Item]:
+    """Members of a zip (`f` seekable); `streamed`: datasets read as streams, the rest under a time limit."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(f)
         infos = zf.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
         raise ReadError("corrupt", f"unreadable zip archive: {exc}") from exc
@@ -135,6 +223,14 @@ def _zip_items(data: bytes, ctx: Context) -> Iterator[Item]:
         if info.flag_bits & 0x1:
             yield Problem("encrypted", f"member {name!r} is encrypted")
             continue
+        kind = _streamed_kind(name) if streamed and info.file_size else None
+        if kind is not None:
+            try:
+                with zf.open(info) as member_file:
+                    yield from _streamed_member(name, kind, member_file, ctx)
+            except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, OSError) as exc:
+                yield Problem("corrupt", f"member {name!r}: {exc}")
+            continue
         try:
             with zf.open(info) as f:
                 member = _bounded_read(f, ctx.cfg.max_file_bytes, ctx)
@@ -146,18 +242,19 @@ def _zip_items(data: bytes, ctx: Context) -> Iterator[Item]:
         except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, OSError) as exc:
             yield Problem("corrupt", f"member {name!r}: {exc}")
             continue
-        yield from _member_items(name, member, ctx)
+        yield from _member_items(name, member, ctx, guard=streamed)
 
 
 def read_tar(name: str, data: bytes, ctx: Context) -> Iterator[Item]:
     _enter(ctx)
-    yield from _number(_tar_items(data, ctx))
+    yield from _number(_tar_items(io.BytesIO(data), ctx))
 
 
-def _tar_items(data: bytes, ctx: Context) -> Iterator[Item]:
+def _tar_items(f: BinaryIO, ctx: Context, streamed: bool = False) -> Iterator[Item]:
+    """Members of a tar walked as a stream (`r|*`: plain, gzip, bz2 or xz); `streamed` as for zips."""
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-    except (tarfile.TarError, EOFError) as exc:
+        tf = tarfile.open(fileobj=f, mode="r|*")
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ReadError("corrupt", f"unreadable tar archive: {exc}") from exc
     files = 0
     try:
@@ -175,23 +272,38 @@ def _tar_items(data: bytes, ctx: Context) -> Iterator[Item]:
             if not info.isfile():
                 yield Problem("not_a_regular_file", f"member {name!r} is a link or device; not read")
                 continue
-            if info.size > ctx.cfg.max_file_bytes:
+            kind = _streamed_kind(name) if streamed and info.size else None
+            if kind is None and info.size > ctx.cfg.max_file_bytes:
                 yield Problem("too_large", f"member {name!r} is {info.size} bytes, over max_file_bytes")
                 continue
-            f = tf.extractfile(info)
+            member_file = tf.extractfile(info)
+            if kind is not None and member_file is not None:
+                yield from _streamed_member(name, kind, member_file, ctx)
+                continue
             try:
-                member = _bounded_read(f, ctx.cfg.max_file_bytes, ctx) if f is not None else b""
+                limit = ctx.cfg.max_file_bytes
+                member = _bounded_read(member_file, limit, ctx) if member_file is not None else b""
             except ReadError as exc:
                 if exc.reason == "decompression_limit":
                     raise _limit_at(name, exc) from None
                 yield Problem(exc.reason, f"member {name!r}: {exc.message}")
                 continue
-            yield from _member_items(name, member, ctx)
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
+            yield from _member_items(name, member, ctx, guard=streamed)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise ReadError("truncated" if isinstance(exc, EOFError | tarfile.ReadError) else "corrupt",
                         f"tar archive broken part-way: {exc}") from exc
     if not files:
         raise ReadError("no_records", "tar archive holds no files")
+
+
+def stream_archive(name: str, raw: BinaryIO, ctx: Context) -> Iterator[Item]:
+    """An archive from its open file (seekable, for a zip): see the module's docstring."""
+    _enter(ctx)
+    if name.lower().endswith(".zip"):
+        yield from _number(_zip_items(raw, ctx, streamed=True))
+        return
+    _, stream = open_stream(name, raw, ctx.cfg.max_decompressed_bytes)  # .tar.zst...; `r|*` does .tgz
+    yield from _number(_tar_items(stream, ctx, streamed=True))
 
 
 ZIP = Format("zip", read_zip, extensions={".zip"})

@@ -15,6 +15,11 @@ the next `WARC/1.x` line in an uncompressed file) and resumes there. That needs 
 seekable stream; on a pipe the rest of the file is one problem. A file where no record
 reads as WARC is a `ReadError` (`corrupt`). Files in the older ARC format are read with
 warcio, which FastWARC does not replace there.
+
+A big file is split into work units by byte offsets (`units.py`): a unit starts at a record
+start with that record's number and reads the records that start before its `stop`, so the
+units of a file give the records of a whole-file read, numbered alike. A resynchronisation
+that lands at or past `stop` ends the unit: the next one reads on from there.
 """
 
 from __future__ import annotations
@@ -43,19 +48,27 @@ _SCAN_CHUNK = 1 << 20
 _SCAN_TAIL = 4096  # bytes a candidate record start needs after it to be checked
 
 
-def read_warc_stream(name: str, stream: BinaryIO, ctx: Context) -> Iterator[Item]:
-    """Documents and problems of a WARC file, from its raw (plain or gzip-compressed) byte stream."""
+def read_warc_stream(
+    name: str, stream: BinaryIO, ctx: Context, first: int = 0, stop: int = -1
+) -> Iterator[Item]:
+    """Documents and problems of a WARC file, from its raw (plain or gzip-compressed) byte stream.
+
+    A work unit passes the stream at its first record's offset, that record's number (`first`)
+    and `stop`: the unit reads the records that start before `stop` (-1: the end of the file).
+    """
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     limit = getattr(ctx.cfg, "max_record_bytes", DEFAULT_MAX_RECORD_BYTES)
     extractor = getattr(ctx.cfg, "warc_extractor", WARC_EXTRACTOR)
     seekable = stream.seekable()
+    if not seekable:
+        stream = _Told(stream)  # FastWARC asks a stream where it starts
     start = stream.tell() if seekable else 0
     gzipped = _peek(stream, 2) == _GZIP_MAGIC[:2] if seekable else False
     if seekable and _is_arc(stream, gzipped):
         yield from _read_arc(stream, limit, extractor)
         return
-    number = 0  # of the next WARC record
+    number = first  # of the next WARC record
     resume: int | None = start
     resumed = False  # this pass began at a record start found by scanning past a corrupt record
     while resume is not None:
@@ -67,6 +80,8 @@ def read_warc_stream(name: str, stream: BinaryIO, ctx: Context) -> Iterator[Item
             records = ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=True,
                                       auto_decode="all", quirks_mode=False)
             for record in records:
+                if 0 <= stop <= record.stream_pos:
+                    return  # the next unit's first record
                 current, number, last_start = number, number + 1, record.stream_pos
                 item = _record_item(record, current, limit, extractor)
                 if item is not None:
@@ -96,7 +111,30 @@ def read_warc_stream(name: str, stream: BinaryIO, ctx: Context) -> Iterator[Item
                 raise ReadError("corrupt", f"not a readable WARC file: {exc}") from exc
             if problem is not None:
                 yield problem
+            if resume is not None and 0 <= stop <= resume:
+                return  # the next unit reads on from there
             resumed = True
+
+
+class _Told(io.RawIOBase):
+    """A stream that cannot seek (a pipe, an archive member), telling how far it has been read."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.count += n
+        return n
+
+    def tell(self) -> int:
+        return self.count
 
 
 def _record_item(record: Any, number: int, limit: int, extractor: str) -> Item | None:
@@ -217,6 +255,13 @@ def _next_record_start(stream: BinaryIO, offset: int, gzipped: bool) -> int | No
             return None
         keep = max(0, checkable)
         base, buf = base + keep, buf[keep:]
+
+
+def opens_record(stream: BinaryIO, offset: int, gzipped: bool) -> bool:
+    """Whether a WARC record starts at `offset`: a gzip member opening with a WARC header, or a WARC line."""
+    stream.seek(offset)
+    head = stream.read(_SCAN_TAIL)
+    return _opens_warc_member(head) if gzipped else head.startswith(b"WARC/1.")
 
 
 def _opens_warc_member(data: bytes) -> bool:
