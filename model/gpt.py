@@ -70,9 +70,16 @@ class GPTConfig(BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     # A few thousand parameters plus the embedding: for unit tests on CPU.
     "test": dict(seq_len=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64),
-    # The default pipeline model: ~1.8M parameters in the blocks plus 1.6M in an 8k
-    # embedding; fp32 on 2 CPU cores it sees a few hundred thousand tokens in 2-3 minutes.
+    # The CPU sizes `train.preset: auto` chooses among (refinery.model.sizing). ~0.85M parameters in the
+    # blocks plus 1.0M in an 8k embedding.
+    "cpu-tiny": dict(seq_len=256, n_layer=4, n_head=4, d_model=128),
+    # ~1.8M in the blocks plus 1.6M in an 8k embedding; fp32 on 2 CPU cores about 2,900 tokens/s.
     "cpu-small": dict(seq_len=256, n_layer=4, n_head=6, d_model=192),
+    # ~6.4M in the blocks plus 2.1M in an 8k embedding: for more cores, more time or more data.
+    "cpu-base": dict(seq_len=256, n_layer=8, n_head=8, d_model=256),
+    # A small GPU size between cpu-base and GPT-2 small: ~10.6M in the blocks (the shape of nanoGPT's
+    # Shakespeare character model).
+    "gpt2-mini": dict(seq_len=1024, n_layer=6, n_head=6, d_model=384),
     # GPT-2 small: 124M parameters with a 50k vocabulary.
     "gpt2-small": dict(seq_len=1024, n_layer=12, n_head=12, d_model=768),
     # A 350M-class model (GPT-2 medium depth and width, SwiGLU), GQA with 4 key/value heads.

@@ -98,8 +98,11 @@ def peak_flops(device: torch.device) -> float:
 
 # Keys added after the first release, left out of a config's serialization while at these defaults.
 LATER_DEFAULTS: dict[str, Any] = {
-    "init_from": "scratch", "early_stop_patience": None, "early_stop_min_delta": 0.0, "mixture": {}, "nproc": 1,
+    "init_from": "scratch", "early_stop_patience": "auto", "early_stop_min_delta": 0.0, "mixture": {}, "nproc": 1,
 }
+
+
+AUTO = "auto"  # `preset: auto`: chosen per corpus and budget before training (refinery.model.sizing)
 
 
 class TrainConfig(BaseModel):
@@ -107,14 +110,20 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field(default="cpu-small", description="model size, a key of refinery.model.gpt.PRESETS")
+    preset: str = Field(
+        default="auto",
+        description="model size: a key of refinery.model.gpt.PRESETS, or auto: the size predicted to reach the "
+        "lowest loss on this corpus within max_time_s at this device's measured speed (refinery.model.sizing)",
+    )
     seq_len: int | None = Field(default=None, ge=8, description="context length; the preset's when None")
     micro_batch_size: int = Field(default=8, ge=1, description="sequences per forward/backward, per process")
     tokens_per_step: int = Field(
         default=2048, ge=1, description="tokens per optimizer step, all processes together (2048: one micro-batch of 8x256)"
     )
     max_steps: int = Field(
-        default=300, ge=1, description="optimizer steps; also the length of the cosine schedule"
+        default=2000, ge=1,
+        description="at most this many optimizer steps; with max_time_s the budget plans how many fit, and the "
+        "cosine schedule ends there",
     )
     max_time_s: float | None = Field(
         default=180.0, gt=0,
@@ -139,10 +148,11 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(
         default=100, ge=1, description="steps between checkpoints (and one at the end)"
     )
-    early_stop_patience: int | None = Field(
-        default=None, ge=1,
+    early_stop_patience: int | Literal["auto"] | None = Field(
+        default="auto",
         description="stop after this many validation runs in a row without a new best (by more than "
-        "early_stop_min_delta), and report the best weights; None: no early stopping",
+        "early_stop_min_delta), and report the best weights; None: no early stopping; auto: 2 when the corpus is "
+        "small for the model (the training plan says so), else none",
     )
     early_stop_min_delta: float = Field(
         default=0.0, ge=0, description="how far (nats) a validation loss must fall below the best to count as one"
@@ -205,11 +215,13 @@ class TrainConfig(BaseModel):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown model preset {value!r}; choose one of {sorted(PRESETS)}")
+        if value != AUTO and value not in PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; choose auto or one of {sorted(PRESETS)}")
         return value
 
     def model_config_for(self, vocab_size: int) -> GPTConfig:
+        if self.preset == AUTO:
+            raise ValueError("train.preset is auto: resolve it first with refinery.model.sizing.resolve_preset, or pin a preset")
         keys = ("seq_len", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "dropout")
         return config_from_preset(self.preset, vocab_size, **{k: getattr(self, k) for k in keys})
 
@@ -313,15 +325,26 @@ BEST_DIR = "best"  # beside `checkpoint/`: the weights of the best validation lo
 CALIBRATION_STEPS = 5  # steps timed before the time budget is turned into a planned number of steps
 
 
-def plan_steps(cfg: TrainConfig, step: int, elapsed_s: float, steps_timed: int, seq_len: int) -> int:
-    """How many steps in all fit the time budget, from the time the last `steps_timed` steps took.
+def replan_step(cfg: TrainConfig, planned: int) -> int:
+    """The step at which a run re-measures its speed and plans again: the end of the warm-up of a
+    schedule `planned` long (the cosine has not started, so a new length changes no learning rate
+    already used), and at least twice the first calibration's steps."""
+    warmup = cfg.warmup_steps if planned >= cfg.max_steps else min(cfg.warmup_steps, max(1, planned // 5))
+    return max(2 * CALIBRATION_STEPS, warmup)
+
+
+def plan_steps(
+    cfg: TrainConfig, step: int, elapsed_s: float, steps_timed: int, seq_len: int, timed_s: float | None = None
+) -> int:
+    """How many steps in all fit the time budget, `elapsed_s` of it spent, from the time the last
+    `steps_timed` steps took (`timed_s`; all of `elapsed_s` when None).
 
     Evaluations are counted in: a validation batch is a forward pass only, about a third of a
     training token's cost. A 5% margin covers noise; the answer is at most `max_steps`.
     """
     if cfg.max_time_s is None or steps_timed <= 0:
         return cfg.max_steps
-    per_step = elapsed_s / steps_timed
+    per_step = (elapsed_s if timed_s is None else timed_s) / steps_timed
     eval_tokens = (cfg.eval_batches or 64) * cfg.micro_batch_size * seq_len
     per_step *= 1.0 + eval_tokens / (3.0 * cfg.tokens_per_step * cfg.eval_every)
     remaining = cfg.max_time_s - elapsed_s
@@ -439,6 +462,8 @@ def _train(
     extra_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     master = rank == 0
+    if cfg.early_stop_patience == AUTO:  # the stage resolves it from its plan; called directly, auto is off
+        cfg = cfg.model_copy(update={"early_stop_patience": None})
     device = resolve_device(cfg.device)
     model_cfg = cfg.model_config_for(vocab_size)
     choice = agreed_precision(cfg, device, model_cfg, world_size, master)
@@ -595,6 +620,7 @@ def _train(
             break
     rates: list[float] = []
     step, evaluated_at = start_step, start_step if not math.isnan(val_loss) else -1
+    calibrated_at: tuple[int, float] | None = None  # (step, time) of this process's first plan, until it re-plans
     t_start = time.perf_counter()
     model.train()
     try:
@@ -637,17 +663,28 @@ def _train(
                 "flops_per_s": flops_per_token * tokens_per_s,
                 "mfu": flops_per_token * tokens_per_s / peak if peak else 0.0,
             }
-            if planned is None and cfg.max_time_s is not None and step - start_step == CALIBRATION_STEPS:
-                planned = plan_steps(cfg, step, time.perf_counter() - t_start, step - start_step, seq_len)
+            # The time budget becomes a number of steps: first from the first steps (which pay for warm-up
+            # allocations, so it errs short), then again from the steady steps at the end of the warm-up.
+            calibrate = planned is None and step - start_step == CALIBRATION_STEPS
+            replan = calibrated_at is not None and step == replan_step(cfg, planned or total)
+            if cfg.max_time_s is not None and (calibrate or replan):
+                now = time.perf_counter()
+                if calibrate:
+                    planned = plan_steps(cfg, step, now - t_start, step - start_step, seq_len)
+                    calibrated_at = (step, now)
+                else:
+                    planned = plan_steps(cfg, step, now - t_start, step - calibrated_at[0], seq_len,
+                                         timed_s=now - calibrated_at[1])  # fmt: skip
+                    calibrated_at = None
                 if world_size > 1:  # rank 0's measurement decides for all
                     shared = torch.tensor([planned], device=device)
                     dist.broadcast(shared, src=0)
                     planned = int(shared.item())
-                if planned < cfg.max_steps and master:
+                if master and (planned != total or replan):
                     tqdm.write(
                         f"train: the time budget (max_time_s={cfg.max_time_s:g}) fits {planned} of max_steps="
-                        f"{cfg.max_steps} steps at the measured speed; the learning-rate schedule ends at step "
-                        f"{planned}"
+                        f"{cfg.max_steps} steps at the speed measured {'after the warm-up' if replan else 'so far'}; "
+                        f"the learning-rate schedule ends at step {planned}"
                     )
                 total = planned
                 bar.total = total

@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from refinery.model.checkpoint import CONFIG, TRAIN_STATE, WEIGHTS, find_checkpoint, read_config
-from refinery.model.gpt import GPTConfig
-from refinery.model.train import METRICS_PREFIX, TrainConfig, TrainResult, train
+from refinery.model.gpt import PRESETS, GPTConfig
+from refinery.model.sizing import TOKENS_PER_PARAM, resolve_preset
+from refinery.model.train import AUTO, METRICS_PREFIX, TrainConfig, TrainResult, train
 from refinery.storage.atomic import atomic_write_json
 from refinery.storage.manifest import (
     Counts,
@@ -189,7 +190,7 @@ def _registered_source(uri: str, root: Path, tracking_uri: str, download_to: Pat
     return InitSource(checkpoint, tokenizer_digest(tokenizer), record, tokenizer)
 
 
-def _check_source(source: InitSource, init_from: str, model_cfg: GPTConfig, tokenizer_file: Path) -> None:
+def _check_source(source: InitSource, init_from: str, model_cfg: GPTConfig | None, tokenizer_file: Path) -> None:
     """Refuse a source trained with another tokenizer or of another model shape, saying what to do."""
     what = f"the model {source.record['uri']}" if source.record.get("kind") == "model" else f"the checkpoint {source.checkpoint}"
     current = tokenizer_digest(tokenizer_file)
@@ -208,6 +209,8 @@ def _check_source(source: InitSource, init_from: str, model_cfg: GPTConfig, toke
             f"pin it with tokenizer.existing set to a copy of the source's tokenizer.json{carried}, kept outside the "
             "run root's stage folders, so that later runs encode with it and can continue; or set train.init_from=scratch"
         )
+    if model_cfg is None:  # `preset: auto` continues in the source's shape
+        return
     saved = GPTConfig(**read_config(source.checkpoint)["model"])
     differs = {
         k: (getattr(saved, k), getattr(model_cfg, k))
@@ -242,7 +245,7 @@ def _stage_source(source: InitSource, stage_dir: Path) -> None:
 
 
 def _prepare_init(
-    cfg: TrainConfig, stage_dir: Path, model_cfg: GPTConfig, tokenizer_file: Path | None, tracking_uri: str | None
+    cfg: TrainConfig, stage_dir: Path, model_cfg: GPTConfig | None, tokenizer_file: Path | None, tracking_uri: str | None
 ) -> dict[str, Any]:
     """Resolve, check and stage `cfg.init_from` for a new run; returns what the manifest records."""
     if tokenizer_file is None:
@@ -271,12 +274,45 @@ def _prepare_init(
 
 # --------------------------------------------------------------------------- the stage
 
+SIZING_FILE = "sizing.json"  # what `preset: auto` chose for this run, so that a resumed run trains the same shape
 
-TOKENS_PER_PARAM = 20.0  # the compute-optimal ratio of Hoffmann et al. (2022), "Chinchilla"
+
+def _resolve_preset(
+    cfg: TrainConfig, vocab_size: int, train_tokens: int, stage_dir: Path, init_weights: Path | None
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """`cfg` with `preset: auto` resolved, and what the choice was ({} for a pinned preset).
+
+    Continued training keeps the shape of the weights it starts from. A run that resumes
+    reads back its own choice (the folder is reset when the run changes), since a second
+    measurement could choose otherwise and orphan the checkpoint.
+    """
+    if cfg.preset != AUTO:
+        return cfg, {}
+    if init_weights is not None:
+        saved = read_config(init_weights)
+        shape = {k: saved["model"][k] for k in SHAPE_KEYS}
+        preset = saved.get("train_config", {}).get("preset")
+        update = {"preset": preset if preset in PRESETS else "cpu-small", **shape}
+        return cfg.model_copy(update=update), {"describe": "preset auto: the shape of the weights it continues from",
+                                               "update": update}  # fmt: skip
+    path = stage_dir / SIZING_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        return cfg.model_copy(update=record["update"]), record
+    resolved, choice = resolve_preset(cfg, vocab_size, train_tokens, world_size=cfg.nproc)
+    assert choice is not None
+    update = {"preset": resolved.preset, "max_time_s": resolved.max_time_s}
+    record = {**choice.as_dict(), "describe": choice.describe(), "update": update}
+    atomic_write_json(path, record)
+    return resolved, record
+
+
+
 # Below this many tokens per parameter the run warns before training. A heuristic, far under the
 # compute-optimal ratio on purpose: the bundled sample (about 0.2) still trains a model 15% below the
 # unigram baseline. What decides is eval's baseline check (`eval.min_gain_over_unigram`).
 SMALL_CORPUS_TOKENS_PER_PARAM = 0.05
+SMALL_CORPUS_PATIENCE = 2  # `early_stop_patience: auto` on a small corpus: validation runs without a new best
 
 
 @dataclass(frozen=True)
@@ -307,7 +343,9 @@ class TrainingPlan:
             f"the corpus is small for this model: {self.train_tokens:,} training tokens for {self.num_params:,} "
             f"parameters ({self.tokens_per_param:.2f} tokens per parameter; compute-optimal training wants about "
             f"{TOKENS_PER_PARAM:.0f}), so the model will mostly memorise it; expect a validation loss near the "
-            "unigram baseline. Add documents, or choose a smaller train.preset"
+            "unigram baseline. Training is evaluated every epoch and stops early once validation loss stops "
+            "improving, and a model not clearly better than the baseline is not registered. Add documents, or pin a "
+            "smaller train.preset"
         )
 
     def describe(self) -> str:
@@ -318,6 +356,18 @@ class TrainingPlan:
             f"{TOKENS_PER_PARAM:.0f} is compute-optimal); {self.max_steps} steps x {self.tokens_per_step:,} tokens "
             f"= {self.epochs:.1f} epochs{budget}"
         )
+
+
+def _early_stopping_for(cfg: TrainConfig, plan: TrainingPlan) -> TrainConfig:
+    """`early_stop_patience: auto` resolved: on a small corpus, stop after `SMALL_CORPUS_PATIENCE` validation
+    runs without a new best, with a validation run at least every epoch; else no early stopping."""
+    if cfg.early_stop_patience != AUTO:
+        return cfg
+    if not plan.small_corpus:
+        return cfg.model_copy(update={"early_stop_patience": None})
+    steps_per_epoch = max(1, plan.train_tokens // cfg.tokens_per_step)
+    every = max(5, min(cfg.eval_every, steps_per_epoch))
+    return cfg.model_copy(update={"early_stop_patience": SMALL_CORPUS_PATIENCE, "eval_every": every})
 
 
 def training_plan(cfg: TrainConfig, model_cfg: Any, train_tokens: int) -> TrainingPlan:
@@ -359,7 +409,7 @@ def run_train(
             "validation tokens; both splits need documents: add documents or raise shards.val_fraction"
         )
     vocab_size = shards.vocab_size
-    model_cfg = cfg.model_config_for(vocab_size)
+    model_cfg = cfg.model_config_for(vocab_size) if cfg.preset != AUTO else None
     fresh = not _same_run(stage_dir, run_key)
     staging, init_dir = stage_dir / INIT_STAGING, stage_dir / INIT_DIR
     if fresh or init_dir.is_dir():  # a leftover of another run, or of this one whose init/ is in place
@@ -374,11 +424,16 @@ def run_train(
         record = json.loads((init_dir / INIT_RECORD).read_text())
     init_weights = init_dir if find_checkpoint(init_dir) is not None else None
     meta = {"tokenizer_sha256": tokenizer_digest(tokenizer_file)} if tokenizer_file is not None else {}
+    cfg, sizing = _resolve_preset(cfg, vocab_size, shards.train_tokens, stage_dir, init_weights)
+    model_cfg = cfg.model_config_for(vocab_size)
 
     plan = training_plan(cfg, model_cfg, shards.train_tokens)
+    if sizing:
+        print(f"train: {sizing.get('describe', '')}", file=sys.stderr, flush=True)
     print(plan.describe(), file=sys.stderr, flush=True)
     if plan.small_corpus:
         warnings.warn(plan.small_corpus, stacklevel=2)
+    cfg = _early_stopping_for(cfg, plan)
 
     seq_len = model_cfg.seq_len
     stats_file = shards.dir / STATS_FILE

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from refinery.model.checkpoint import load_model, load_train_state
 from refinery.model.evaluate import unigram_loss
 from refinery.model.generate import compile_unavailable
-from refinery.model.train import TrainConfig, lr_at, plan_steps, train
+from refinery.model.train import TrainConfig, lr_at, plan_steps, replan_step, train
 from refinery.storage.shards import TokenWindows, map_tokens, write_token_shard
 
 VOCAB = 64
@@ -256,9 +256,24 @@ def test_a_time_budget_is_planned_into_the_schedule() -> None:
     assert lr_at(999, cfg) == pytest.approx(cfg.min_lr, rel=1e-3)  # unplanned: max_steps, as before
 
 
+def test_the_budget_is_planned_again_from_the_steady_steps_at_the_end_of_the_warm_up(shards, tmp_path, capsys):
+    cfg = TrainConfig(max_steps=1000, max_time_s=100.0, warmup_steps=30, tokens_per_step=1024, micro_batch_size=4)
+    assert replan_step(cfg, 400) == 30 and replan_step(cfg, 60) == 12  # the planned schedule's warm-up, at least 10
+    # The first 5 steps took 2 s (warm-up allocations); the 25 after them 2.5 s: 0.1 s a step, not 0.4.
+    first = plan_steps(cfg, step=5, elapsed_s=2.0, steps_timed=5, seq_len=64)
+    again = plan_steps(cfg, step=30, elapsed_s=4.5, steps_timed=25, seq_len=64, timed_s=2.5)
+    assert first < 250 and again > 2.5 * first
+    # A budgeted run re-plans once, at the end of its warm-up, and completes the schedule it planned.
+    result = run(config(max_steps=400, max_time_s=60.0, warmup_steps=12, eval_every=100), shards, tmp_path / "out")
+    err = capsys.readouterr()
+    assert (err.out + err.err).count("at the speed measured after the warm-up") == 1
+    assert result.steps == result.planned_steps
+
+
 def test_early_stopping_is_off_by_default_and_changes_nothing(shards, tmp_path):
     cfg = config(max_steps=8, eval_every=1, lr=3e-2, min_lr=3e-2)
-    assert cfg.early_stop_patience is None and "early_stop_patience" not in cfg.model_dump()
+    # auto: the stage turns it on for a small corpus (tests/test_small_corpus.py); `train` called directly, off
+    assert cfg.early_stop_patience == "auto" and "early_stop_patience" not in cfg.model_dump()
     result = run(cfg, shards, tmp_path / "out")
     assert result.steps == 8 and not result.stopped_early
     assert result.checkpoint_dir == tmp_path / "out" / "checkpoint" and not (tmp_path / "out" / "best").exists()
