@@ -35,5 +35,6 @@ def machine(*packages: str) -> str:
 
 def record(text: str, *packages: str) -> None:
     """Append a result block and the machine it ran on to bench/RESULTS.md."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # the benchmark's own processes count too
     with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(f"\n{text.rstrip()}\n\nMachine: {machine(*packages)}\n")
+        f.write(f"\n{text.rstrip()}\n\nMachine: {machine(*packages)}; load average (1, 5, 15 min) at the end: {load}\n")
