@@ -52,9 +52,39 @@ def is_val(text: str, val_fraction: float) -> bool:
     return split_fraction(text) < val_fraction
 
 
+def split_fractions(texts: pa.Array | pa.ChunkedArray, salt: str = "split") -> np.ndarray:
+    """`split_fraction` of every string of an Arrow (large) string column, as float64; a null counts as "".
+
+    The UTF-8 bytes are hashed where Arrow holds them, with no Python string per
+    document, which is how the shards stage splits a whole row group at once.
+    The result equals `split_fraction` bit for bit: the same digest, read as a
+    big-endian uint64 and scaled by 2**-64 (uint64 -> float64 rounds to nearest
+    in both, and the scaling is exact).
+    """
+    person = salt.encode()[:16]
+    blake2b = hashlib.blake2b
+    digests = bytearray()
+    for chunk in texts.chunks if isinstance(texts, pa.ChunkedArray) else [texts]:
+        if len(chunk) == 0:
+            continue
+        if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+            raise TypeError(f"split_fractions needs a string column, got {chunk.type}")
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offset_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[chunk.offset : chunk.offset + len(chunk) + 1]
+        starts, ends = offsets[:-1].copy(), offsets[1:].copy()
+        if chunk.null_count:  # a null slot's bytes are unspecified: hash it as the empty string
+            null = chunk.is_null().to_numpy(zero_copy_only=False)
+            ends[null] = starts[null]
+        data = memoryview(data_buffer) if data_buffer is not None else memoryview(b"")
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            digests += blake2b(data[start:end], digest_size=8, person=person).digest()
+    return np.frombuffer(bytes(digests), dtype=">u8").astype(np.float64) / 2.0**64
+
+
 def write_token_shard_arrays(
     path: str | os.PathLike[str],
-    ids: Sequence[str],
+    ids: Sequence[str] | pa.Array,
     values: np.ndarray,
     offsets: np.ndarray,
     vocab_size: int,
@@ -62,7 +92,8 @@ def write_token_shard_arrays(
     """Write one shard atomically from flat token `values` and `len(ids) + 1` row `offsets`.
 
     This is the fast path the shards stage uses: the tokens are already one
-    array, so nothing is copied per document. Returns the number of tokens.
+    array and the ids may be an Arrow array, so nothing is converted per
+    document (the IPC bytes are the same either way). Returns the number of tokens.
     """
     schema = shard_schema(vocab_size)
     np_dtype = np.uint16 if schema.field("input_ids").type.value_type == pa.uint16() else np.uint32
@@ -70,7 +101,8 @@ def write_token_shard_arrays(
     if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(values):
         raise ValueError(f"{path}: offsets must run from 0 to len(values) with one entry per document plus one")
     input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np_dtype)))
-    table = pa.table({"id": pa.array(list(ids), pa.string()), "input_ids": input_ids}, schema=schema)
+    id_array = ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+    table = pa.table({"id": id_array, "input_ids": input_ids}, schema=schema)
     with atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_table(table)

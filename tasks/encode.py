@@ -17,7 +17,15 @@ deterministic sample of the corpus's own documents and on adversarial strings
 NUL, the tokenizer's special tokens inside text, very long words, digit runs).
 Any difference, or a fast library that is missing or cannot load the
 tokenizer, falls back to the reference with a warning naming the first input
-that differed, so the shard bytes are the same whichever encoder ran.
+that differed, so the shard bytes are the same whichever encoder ran. The
+reference is slow, so the verdict is remembered for the rest of the process,
+keyed by the tokenizer file's sha256, both libraries' versions and the sample:
+a second run over the same tokenizer and corpus does not compare again.
+
+The rest of the stage keeps the tokens in flat arrays end to end: the split is
+hashed from the Arrow text buffers, end-of-text ids are placed with one mask,
+documents are routed to their split with a mask over the tokens, and a shard's
+`list<uint16>` column is built from the flat values and offsets.
 
 Files written under the stage directory:
 - `train-00000.arrow`, ..., `val-00000.arrow`: one row per document (`id`,
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -62,8 +71,8 @@ from refinery.storage.documents import DROPPED_SCHEMA, ParquetWriter, dropped_ro
 from refinery.storage.manifest import Counts, StageResult, describe_file, file_sha256, stable_hash
 from refinery.storage.shards import (
     SHARD_SUFFIX,
-    is_val,
     split_fraction,
+    split_fractions,
     token_dtype,
     write_token_shard_arrays,
 )
@@ -122,6 +131,7 @@ class EncodeTask:
     batch_docs: int
     val_fraction: float
     encoder: str = "tokenizers"  # a name in ENCODERS, chosen by the parity gate
+    tokenizer_digest: str = ""  # sha256 of the tokenizer file: workers reload only when it changes
 
 
 @dataclass
@@ -189,18 +199,46 @@ class FastokensEncoder:
 ENCODERS = {"tokenizers": TokenizersEncoder, "fastokens": FastokensEncoder}
 FAST_ENCODER = "fastokens"
 
-_ENCODERS: dict[tuple[str, str, str], Encoder] = {}
+# The last encoder loaded of each kind, with what it was loaded from: (path, eot, digest of the file).
+_ENCODERS: dict[str, tuple[tuple[str, str, str], Encoder]] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def _encoder(name: str, path: str, eot: str) -> Encoder:
-    """Load an encoder once per process (workers reuse it across tasks)."""
-    key = (name, path, eot)
+def _encoder(name: str, path: str, eot: str, digest: str = "") -> Encoder:
+    """Load an encoder once per process: workers reuse it across tasks, and runs over the same tokenizer too.
+
+    `digest` is the tokenizer file's sha256, so a file replaced at the same path is loaded again.
+    One encoder of each kind is kept, so the parity gate's reference does not evict the fast one.
+    """
+    key = (path, eot, digest)
     with _ENCODERS_LOCK:
-        if key not in _ENCODERS:
-            _ENCODERS.clear()
-            _ENCODERS[key] = TokenizersEncoder(path, eot) if name == "tokenizers" else ENCODERS[name](path)
-        return _ENCODERS[key]
+        cached = _ENCODERS.get(name)
+        if cached is None or cached[0] != key:
+            encoder = TokenizersEncoder(path, eot) if name == "tokenizers" else ENCODERS[name](path)
+            cached = _ENCODERS[name] = (key, encoder)
+        return cached[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _vocab(path: str, eot: str, digest: str = "") -> tuple[int, int]:
+    """(end-of-text id, vocabulary size with added tokens), read once per process and tokenizer file."""
+    tok, eot_id = load_tokenizer(path, eot)
+    return eot_id, tok.get_vocab_size(with_added_tokens=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> str:
+    """The versions of both encoding libraries (as installed when first asked; the loaded code does not
+    change within a process): a new release of either must pass the gate again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("tokenizers", FAST_ENCODER):
+        try:
+            found.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ",".join(found)
 
 
 # -- the parity gate --------------------------------------------------------------------------------
@@ -224,6 +262,12 @@ def adversarial_texts(special_tokens: list[str], seed: int = 0) -> list[str]:
     Odd codepoints (noncharacters, private use, the last plane) stand in for lone
     surrogates, which a Python `str` from Parquet can never hold.
     """
+    return list(_adversarial_texts(tuple(special_tokens), seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _adversarial_texts(special_tokens: tuple[str, ...], seed: int) -> tuple[str, ...]:
+    """The list, built once per process: drawing it character by character in Python takes a while."""
     rng = random.Random(seed)
     ranges = [
         (0x00, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF),
@@ -251,28 +295,34 @@ def adversarial_texts(special_tokens: list[str], seed: int = 0) -> list[str]:
         texts += [token, f"before {token} after", f"{token}{token}", f" {token} ", f"x{token}\n{token}y", token * 50]
     texts += [random_text(rng.randint(1, 400)) for _ in range(120)]
     texts += [" ".join(random_text(rng.randint(1, 12)) for _ in range(60)) for _ in range(30)]
-    return texts
+    return tuple(texts)
 
 
 GATE_DOC_CHARS = 8000  # a longer document is compared on its first characters: the gate's cost stays bounded
 
 
-def gate_sample(input_files: list[Path], n_docs: int, row_groups: int = 8) -> list[str]:
+def gate_sample(
+    input_files: list[Path], n_docs: int, row_groups: int = 8, metadata: list[pq.FileMetaData] | None = None
+) -> list[str]:
     """Up to `n_docs` non-empty texts of the corpus, the same on every run.
 
     Drawn from the first rows of at most `row_groups` row groups spread evenly over
     the corpus, so the gate reads a few pages whatever the corpus size; among those
     rows the documents are picked by a hash of their text, and the longest is always in.
+    `metadata` (the files' Parquet footers, if the caller has them) saves reading them again.
     """
     if n_docs <= 0:
         return []
-    units = [(p, rg) for p in input_files for rg in range(pq.ParquetFile(p).metadata.num_row_groups)]
+    if metadata is None:
+        metadata = [pq.ParquetFile(p).metadata for p in input_files]
+    units = [(p, m, rg) for p, m in zip(input_files, metadata, strict=True) for rg in range(m.num_row_groups)]
     if len(units) > row_groups:
         units = [units[round(i * (len(units) - 1) / (row_groups - 1))] for i in range(row_groups)]
     per_unit = -(-2 * n_docs // max(1, len(units)))  # twice what is needed, so the hash has a choice
     texts: list[str] = []
-    for path, rg in units:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=per_unit, row_groups=[rg], columns=["text"])
+    for path, meta, rg in units:
+        reader = pq.ParquetFile(path, metadata=meta)
+        batches = reader.iter_batches(batch_size=per_unit, row_groups=[rg], columns=["text"])
         first = next(batches, None)
         if first is not None:
             texts += [t[:GATE_DOC_CHARS] for t in first.column(0).to_pylist() if t]
@@ -281,6 +331,36 @@ def gate_sample(input_files: list[Path], n_docs: int, row_groups: int = 8) -> li
     longest = max(texts, key=len)
     picked = sorted((t for t in texts if t is not longest), key=lambda t: split_fraction(t, "encoder-gate"))
     return [longest, *picked[: n_docs - 1]]
+
+
+# The last corpus sample drawn in this process, by the identity of its files (path, size, mtime) and size.
+_SAMPLE: dict[str, list[str]] = {}
+_SAMPLE_LOCK = threading.Lock()
+
+
+def _corpus_sample(input_files: list[Path], metadata: list[pq.FileMetaData], n_docs: int) -> list[str]:
+    """`gate_sample`, read once per process for the same files: a re-run then finds the gate's verdict
+    without touching the corpus."""
+    stats = [(str(p), st.st_size, st.st_mtime_ns) for p in input_files for st in [p.stat()]]
+    key = stable_hash([stats, n_docs])
+    with _SAMPLE_LOCK:
+        if key in _SAMPLE:
+            return _SAMPLE[key]
+    sample = gate_sample(input_files, n_docs, metadata=metadata)
+    with _SAMPLE_LOCK:
+        _SAMPLE.clear()
+        _SAMPLE[key] = sample
+    return sample
+
+
+def _texts_digest(texts: list[str]) -> str:
+    """sha256 of a list of texts, each length-prefixed so that no two lists share a digest."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
 
 
 def first_mismatch(candidate: Encoder, reference: Encoder, texts: list[str]) -> str | None:
@@ -296,28 +376,59 @@ def first_mismatch(candidate: Encoder, reference: Encoder, texts: list[str]) -> 
     return texts[-1] if texts else ""
 
 
+# Verdicts of the parity gate in this process, keyed by everything the verdict depends on.
+_GATE_VERDICTS: dict[str, GateResult] = {}
+_GATE_LOCK = threading.Lock()
+
+
 def parity_gate(
     tokenizer_file: str | Path,
     eot: str,
     sample: list[str],
     mode: str = "auto",
     candidate: Encoder | None = None,
+    tokenizer_digest: str | None = None,
 ) -> GateResult:
     """Decide which encoder encodes the corpus: the fast one only if it matches the reference exactly.
 
     `mode` is `ShardsConfig.encoder`. `candidate` replaces the fast encoder
     (tests give it one that really disagrees). With `mode="fast"` a failed gate
     is an error; with `auto` it is a warning and the reference encodes.
+
+    Given the tokenizer file's sha256 (`tokenizer_digest`), the verdict is
+    remembered for the rest of the process, keyed by that digest, the
+    end-of-text token, both libraries' versions and the sample itself: the
+    reference encodes at a few MB/s, so the comparison can cost more than
+    encoding a corpus with the fast encoder, and a second run over the same
+    tokenizer and corpus would only repeat it to the same answer.
     """
     if mode == "tokenizers":
         return GateResult(encoder="tokenizers")
-    reference = _encoder("tokenizers", str(tokenizer_file), eot)
+    key = None
+    if tokenizer_digest is not None and candidate is None:
+        key = stable_hash([tokenizer_digest, eot, _library_versions(), _texts_digest(sample)])
+        with _GATE_LOCK:
+            cached = _GATE_VERDICTS.get(key)
+        if cached is not None:
+            return _gate_outcome(GateResult(**vars(cached)), mode)
+    result = _run_gate(tokenizer_file, eot, sample, candidate, tokenizer_digest or "")
+    if key is not None:
+        with _GATE_LOCK:
+            _GATE_VERDICTS[key] = GateResult(**vars(result))
+    return _gate_outcome(result, mode)
+
+
+def _run_gate(
+    tokenizer_file: str | Path, eot: str, sample: list[str], candidate: Encoder | None, digest: str
+) -> GateResult:
+    """Compare the fast encoder with the reference on the sample and the adversarial strings."""
+    reference = _encoder("tokenizers", str(tokenizer_file), eot, digest)
     assert isinstance(reference, TokenizersEncoder)
     specials = [t.content for t in reference.tok.get_added_tokens_decoder().values()]
     texts = sample + adversarial_texts(specials)
     reason: str | None = None
     try:
-        fast = candidate if candidate is not None else ENCODERS[FAST_ENCODER](tokenizer_file)
+        fast = candidate if candidate is not None else _encoder(FAST_ENCODER, str(tokenizer_file), eot, digest)
         mismatch = first_mismatch(fast, reference, texts)
         if mismatch is not None:
             shown = mismatch if len(mismatch) <= 120 else mismatch[:120] + f"... ({len(mismatch)} characters)"
@@ -326,27 +437,42 @@ def parity_gate(
         reason = f"{FAST_ENCODER} unavailable: {type(err).__name__}: {err}"
     if reason is None:
         return GateResult(encoder=fast.name, checked=len(texts))
-    if mode == "fast":
-        raise RuntimeError(f"shards.encoder=fast but the fast encoder failed the parity gate: {reason}")
-    warnings.warn(f"shards: encoding with tokenizers instead of {FAST_ENCODER}: {reason}", RuntimeWarning, stacklevel=2)
     return GateResult(encoder="tokenizers", checked=len(texts), reason=reason)
 
 
+def _gate_outcome(result: GateResult, mode: str) -> GateResult:
+    """A failed gate is an error with `mode="fast"`, else a warning (on every run, remembered or not)."""
+    if result.reason is None:
+        return result
+    if mode == "fast":
+        raise RuntimeError(f"shards.encoder=fast but the fast encoder failed the parity gate: {result.reason}")
+    warnings.warn(
+        f"shards: encoding with tokenizers instead of {FAST_ENCODER}: {result.reason}", RuntimeWarning, stacklevel=3
+    )
+    return result
+
+
 def close_documents(values: np.ndarray, offsets: np.ndarray, eot_id: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Append the end-of-text id to every document: `(values, lengths)` with the ids in `dtype`."""
+    """Append the end-of-text id to every document: `(values, lengths)` with the ids in `dtype`.
+
+    Document d's end-of-text id lands at `offsets[d + 1] + d` (one id more per
+    earlier document); a boolean mask places the tokens around them in one pass.
+    """
     n = len(offsets) - 1
     lengths = np.diff(offsets) + 1
-    out = np.full(len(values) + n, eot_id, dtype=dtype)
-    # Token j of document d moves d places right (one end-of-text id before it per earlier document).
-    doc_of_token = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
-    out[np.arange(len(values), dtype=np.int64) + doc_of_token] = values
+    out = np.empty(len(values) + n, dtype=dtype)
+    ends = np.asarray(offsets[1:], dtype=np.int64) + np.arange(n, dtype=np.int64)
+    out[ends] = eot_id
+    is_token = np.ones(len(out), dtype=bool)
+    is_token[ends] = False
+    out[is_token] = values
     return out, lengths
 
 
 def encode_row_group(task: EncodeTask) -> EncodedBatch:
     """Read one row group and encode it: the per-batch pure work of the stage."""
-    encoder = _encoder(task.encoder, task.tokenizer_file, task.eot)
-    eot_id, vocab_size = _vocab(task.tokenizer_file, task.eot)
+    encoder = _encoder(task.encoder, task.tokenizer_file, task.eot, task.tokenizer_digest)
+    eot_id, vocab_size = _vocab(task.tokenizer_file, task.eot, task.tokenizer_digest)
     dtype = np.uint16 if token_dtype(vocab_size) == pa.uint16() else np.uint32
     table = pq.ParquetFile(task.path).read_row_group(task.row_group, columns=["id", "text", "source", "format"])
     text = table.column("text")
@@ -371,16 +497,10 @@ def encode_row_group(task: EncodeTask) -> EncodedBatch:
         formats=table.column("format").combine_chunks(),
         n_bytes=n_bytes,
         lengths=lengths,
-        values=np.concatenate(values) if values else np.zeros(0, dtype),
-        split=np.fromiter((is_val(t or "", task.val_fraction) for t in texts), dtype=np.int8, count=len(texts)),
+        values=values[0] if len(values) == 1 else np.concatenate(values) if values else np.zeros(0, dtype),
+        # The same digest as `is_val` on each text, taken from the Arrow bytes (no str per document).
+        split=(split_fractions(text) < task.val_fraction).astype(np.int8),
     )
-
-
-@functools.lru_cache(maxsize=4)
-def _vocab(path: str, eot: str) -> tuple[int, int]:
-    """(end-of-text id, vocabulary size with added tokens), read once per process."""
-    tok, eot_id = load_tokenizer(path, eot)
-    return eot_id, tok.get_vocab_size(with_added_tokens=True)
 
 
 def _no_tokenizer_threads() -> None:
@@ -464,10 +584,9 @@ class _ShardWriter:
     def add(self, batch: EncodedBatch) -> None:
         """Route a batch's documents (in corpus order) to their splits; close shards as they fill."""
         positions = batch.first_doc + np.arange(len(batch.lengths))
-        token_ends = np.cumsum(batch.lengths)
-        token_starts = token_ends - batch.lengths
         for code, split in enumerate(self.splits.values()):
-            docs = np.flatnonzero((batch.split == code) & (positions >= split.next_doc))
+            chosen = (batch.split == code) & (positions >= split.next_doc)
+            docs = np.flatnonzero(chosen)
             if len(docs) == 0:
                 continue
             stats = self._stats_rows(batch, docs, split.name, positions)
@@ -478,7 +597,8 @@ class _ShardWriter:
                 continue
             kept_rows = stats.filter(pa.array(batch.lengths[docs] > 0))
             lens = batch.lengths[kept]
-            values = batch.values[np.repeat(token_starts[kept], lens) + _ranges(lens)]
+            # The chosen documents' tokens, in order: a mask over the tokens, no index per token.
+            values = batch.values if len(docs) == len(chosen) else batch.values[np.repeat(chosen, batch.lengths)]
             offsets = np.concatenate([[0], np.cumsum(lens)])
             done = 0
             while done < len(kept):  # fill the open shard; close it when it reaches shard_tokens
@@ -531,10 +651,10 @@ class _ShardWriter:
         with ParquetWriter(self.stage_dir / self._record_name(name), schema=_PENDING_SCHEMA) as writer:
             writer.write(rows.drop_columns(["_pos"]) if "_pos" in rows.column_names else rows)
         if split.ids:
-            ids = pa.concat_arrays(split.ids).to_pylist()
+            ids = pa.concat_arrays(split.ids)
             lengths = np.concatenate(split.lengths)
             offsets = np.concatenate([[0], np.cumsum(lengths)])
-            values = np.concatenate(split.values)
+            values = split.values[0] if len(split.values) == 1 else np.concatenate(split.values)
             write_token_shard_arrays(self.stage_dir / name, ids, values, offsets, self.vocab_size)
             split.shards.append(_ShardFile(path=name, rows=len(ids), tokens=len(values)))
         else:  # only dropped documents are left: their record is kept, no shard is written
@@ -558,38 +678,37 @@ class _ShardWriter:
         return pa.concat_tables(tables) if tables else _PENDING_SCHEMA.empty_table()
 
 
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """Concatenated `arange(n)` for each n in `lengths`, vectorised."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-
-
 def _tasks(
-    input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig, resume_at: int, encoder: str
+    input_files: list[Path],
+    metadata: list[pq.FileMetaData],
+    tokenizer_file: Path,
+    cfg: ShardsConfig,
+    resume_at: int,
+    encoder: str,
+    digest: str,
 ) -> list[EncodeTask]:
     """One task per Parquet row group, skipping row groups that a previous run fully wrote."""
     tasks: list[EncodeTask] = []
     position = 0
-    for path in input_files:
-        meta = pq.ParquetFile(path).metadata
+    for path, meta in zip(input_files, metadata, strict=True):
         for rg in range(meta.num_row_groups):
             rows = meta.row_group(rg).num_rows
             if position + rows > resume_at and rows:
                 tasks.append(EncodeTask(
-                    str(path), rg, position, str(tokenizer_file), cfg.eot, cfg.batch_docs, cfg.val_fraction, encoder
+                    str(path), rg, position, str(tokenizer_file), cfg.eot, cfg.batch_docs, cfg.val_fraction, encoder,
+                    digest,
                 ))
             position += rows
     return tasks
 
 
-def _fingerprint(input_files: list[Path], tokenizer_file: Path, cfg: ShardsConfig) -> str:
+def _fingerprint(
+    input_files: list[Path], metadata: list[pq.FileMetaData], tokenizer_digest: str, cfg: ShardsConfig
+) -> str:
     """What the shards depend on: inputs, tokenizer, and the config keys that change the output."""
-    inputs = [(str(p), p.stat().st_size, pq.ParquetFile(p).metadata.num_rows) for p in input_files]
+    inputs = [(str(p), p.stat().st_size, m.num_rows) for p, m in zip(input_files, metadata, strict=True)]
     shaping = cfg.model_dump(include={"val_fraction", "shard_tokens", "eot"})
-    return stable_hash({"inputs": inputs, "tokenizer": file_sha256(tokenizer_file), "config": shaping})
+    return stable_hash({"inputs": inputs, "tokenizer": tokenizer_digest, "config": shaping})
 
 
 def run_encode(
@@ -604,17 +723,22 @@ def run_encode(
     input_files = [Path(p) for p in input_files]
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tok, eot_id = load_tokenizer(tokenizer_file, cfg.eot)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    if not Path(tokenizer_file).is_file():
+        load_tokenizer(tokenizer_file, cfg.eot)  # raises the error that says which stage makes it
+    digest = file_sha256(tokenizer_file)
+    # Loaded once per process and tokenizer file (the workers' row groups use the same cache).
+    eot_id, vocab_size = _vocab(str(tokenizer_file), cfg.eot, digest)
 
-    writer = _ShardWriter(stage_dir, cfg, vocab_size, _fingerprint(input_files, Path(tokenizer_file), cfg))
+    metadata = [pq.ParquetFile(p).metadata for p in input_files]  # each footer read once
+    writer = _ShardWriter(stage_dir, cfg, vocab_size, _fingerprint(input_files, metadata, digest, cfg))
     resume_at = writer.resume()
     # The encoder never changes the output (the gate sees to it), so it is not in the fingerprint.
     gate_started = time.perf_counter()
-    gate = parity_gate(tokenizer_file, cfg.eot, gate_sample(input_files, cfg.gate_docs), cfg.encoder)
+    sample = _corpus_sample(input_files, metadata, cfg.gate_docs) if cfg.encoder != "tokenizers" else []
+    gate = parity_gate(tokenizer_file, cfg.eot, sample, cfg.encoder, tokenizer_digest=digest)
     gate_seconds = time.perf_counter() - gate_started
-    tasks = _tasks(input_files, Path(tokenizer_file), cfg, resume_at, gate.encoder)
-    total_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in input_files)
+    tasks = _tasks(input_files, metadata, Path(tokenizer_file), cfg, resume_at, gate.encoder, digest)
+    total_docs = sum(m.num_rows for m in metadata)
 
     # Without an executor: threads of this process (the tokenizer releases the GIL, so reading and
     # flattening one row group overlaps encoding the next), or `workers` processes of our own.
@@ -625,10 +749,11 @@ def run_encode(
         own_pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_no_tokenizer_threads)
         pool, ahead = own_pool, cfg.in_flight * cfg.workers
     else:
-        # Two threads and `in_flight` row groups pending: the next row group is read and encoded
-        # (on the tokenizer's own threads) while this thread routes the one before it.
+        # Two threads with `in_flight` row groups pending each: while this thread routes one row group,
+        # two more are in work, so one's reading and split hashing (single-threaded) overlaps the
+        # other's encoding (on the tokenizer's own threads) and neither core waits.
         own_pool = cf.ThreadPoolExecutor(2, thread_name_prefix="encode")
-        pool, ahead = own_pool, cfg.in_flight
+        pool, ahead = own_pool, cfg.in_flight * 2
 
     started = time.perf_counter()
     bar = tqdm(total=total_docs, initial=min(resume_at, total_docs), desc="shards: encoding", unit="doc",

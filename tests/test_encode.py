@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +22,7 @@ from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter
 from refinery.storage.manifest import file_sha256
 from refinery.storage.shard_stats import connect, tokens_by_format
 from refinery.storage.shards import is_val, read_shard
-from refinery.tasks.encode import ShardsConfig, run_encode
+from refinery.tasks.encode import ShardsConfig, close_documents, run_encode
 from refinery.tasks.tokenizer import EOT, TokenizerConfig, load_tokenizer, run_train_tokenizer
 
 WORDS = ["water", "stone", "naïve", "straße", "中文", "🙂", "if x:", "    pass", "<div>", "\n", "\r\n", "\x00"]
@@ -143,7 +144,7 @@ CHILD = textwrap.dedent(
     """
     import concurrent.futures as cf, sys, time
     from pathlib import Path
-    from refinery.tasks.encode import ShardsConfig, run_encode
+    from refinery.tasks.encode import ShardsConfig, close_documents, run_encode
 
     class Slow(cf.ThreadPoolExecutor):
         # A real executor whose tasks take a while, so the parent can kill the run part-way.
@@ -191,6 +192,20 @@ def test_resume_ignores_progress_of_a_different_config(corpus, encoded, tmp_path
     run_encode(files, tokenizer, stage, CFG.model_copy(update={"shard_tokens": 1000}), progress=False)
     run_encode(files, tokenizer, stage, CFG, progress=False)
     assert shard_digests(stage) == shard_digests(encoded[1])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_close_documents_appends_the_end_of_text_id_to_each_document(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 30, size=500)
+    lengths[[0, 7, 499]] = 0  # documents without tokens still get their end-of-text id
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(1, 65535, size=int(offsets[-1])).astype(np.uint32)
+    out, lens = close_documents(values, offsets, 0, dtype)
+    expected = np.concatenate([np.append(values[offsets[i] : offsets[i + 1]], 0) for i in range(len(lengths))])
+    assert out.dtype == dtype and np.array_equal(out, expected) and np.array_equal(lens, lengths + 1)
+    out, lens = close_documents(np.zeros(0, np.uint32), np.zeros(1, np.int64), 5, dtype)
+    assert len(out) == 0 and len(lens) == 0
 
 
 def test_bad_config_names_the_key() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer
 
 from refinery.storage.documents import DOCUMENT_SCHEMA, PartWriter
 from refinery.storage.manifest import file_sha256
+from refinery.tasks import encode
 from refinery.tasks.encode import (
     FastokensEncoder,
     ShardsConfig,
@@ -174,6 +176,56 @@ def test_a_tokenizer_the_fast_library_cannot_load_falls_back(corpus, tmp_path: P
         run_encode(files, nfkc, tmp_path / "reference", cfg.model_copy(update={"encoder": "tokenizers"}),
                    progress=False)
     assert digests(tmp_path / "auto") == digests(tmp_path / "reference")
+
+
+def test_gate_verdict_is_remembered_for_the_same_tokenizer_contents_and_sample(
+    corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, files, tokenizer = corpus
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(tokenizer.read_bytes())
+    compared = []
+    real_gate = encode._run_gate
+    monkeypatch.setattr(encode, "_run_gate", lambda *args: compared.append(args) or real_gate(*args))
+    sample = gate_sample(files, 30)
+    first = parity_gate(path, EOT, sample, tokenizer_digest=file_sha256(path))
+    again = parity_gate(path, EOT, sample, "fast", tokenizer_digest=file_sha256(path))
+    assert first.encoder == again.encoder == "fastokens" and again.checked == first.checked and len(compared) == 1
+    parity_gate(path, EOT, sample[:10], tokenizer_digest=file_sha256(path))  # another sample is compared again
+    parity_gate(path, EOT, sample)  # and so is a tokenizer named without its digest
+    assert len(compared) == 3
+
+    # Same path, new contents that the fast library cannot load: the remembered verdict must not apply.
+    data = json.loads(path.read_text())
+    data["normalizer"] = {"type": "NFKC"}
+    path.write_text(json.dumps(data))
+    for _ in range(2):  # compared once, remembered, and the fallback is still said every time
+        with pytest.warns(RuntimeWarning, match="fastokens unavailable"):
+            gate = parity_gate(path, EOT, sample, tokenizer_digest=file_sha256(path))
+        assert gate.encoder == "tokenizers" and "NFKC" in (gate.reason or "")
+    assert len(compared) == 4
+    with pytest.raises(RuntimeError, match="shards.encoder=fast"):
+        parity_gate(path, EOT, sample, "fast", tokenizer_digest=file_sha256(path))
+
+    # The whole stage over the replaced file: the reference encodes it, with the new normalizer.
+    with pytest.warns(RuntimeWarning, match="fastokens unavailable"):
+        result = run_encode(files, path, tmp_path / "nfkc", ShardsConfig(shard_tokens=4000), progress=False)
+    assert result.extra["encoder"] == "tokenizers"
+    cfg = ShardsConfig(shard_tokens=4000, encoder="tokenizers")
+    assert run_encode(files, path, tmp_path / "reference", cfg, progress=False).extra["encoder"] == "tokenizers"
+    assert digests(tmp_path / "nfkc") == digests(tmp_path / "reference")
+
+
+def test_corpus_sample_is_read_again_when_a_file_changes(tmp_path: Path) -> None:
+    files = write_corpus(tmp_path / "curated", make_texts(400, seed=3))
+    metadata = [pq.ParquetFile(p).metadata for p in files]
+    first = encode._corpus_sample(files, metadata, 40)
+    assert first == gate_sample(files, 40) and encode._corpus_sample(files, metadata, 40) is first
+    assert encode._corpus_sample(files, metadata, 20) == gate_sample(files, 20)  # another size: drawn again
+    files = write_corpus(tmp_path / "curated", make_texts(400, seed=4))  # same paths, new documents
+    metadata = [pq.ParquetFile(p).metadata for p in files]
+    again = encode._corpus_sample(files, metadata, 40)
+    assert again == gate_sample(files, 40) and again != first
 
 
 # -- shards are byte-identical ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from refinery.storage.shards import (
     is_val,
     map_tokens,
     read_shard,
+    split_fraction,
+    split_fractions,
     write_token_shard,
     write_token_shard_arrays,
 )
@@ -155,3 +158,42 @@ def test_split_is_a_stable_function_of_the_text() -> None:
     assert val == [i for i in ids if is_val(i, 0.05)]
     assert set(val) <= {i for i in ids if is_val(i, 0.2)}  # a larger fraction only adds documents
     assert not any(is_val(i, 0.0) for i in ids)
+
+
+def test_split_fractions_of_an_arrow_column_equal_split_fraction_bit_for_bit() -> None:
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\n", "\x00", "é", "中", "🙂", "\u202e", "<|endoftext|>"]
+    texts = ["", *("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3000))) for _ in range(400))]
+    texts += [f"document number {i}" for i in range(2000)]
+    want = np.array([split_fraction(t) for t in texts])
+    for kind in (pa.string(), pa.large_string()):
+        column = pa.array(texts, kind)
+        assert np.array_equal(split_fractions(column), want)
+        assert np.array_equal(split_fractions(column.slice(7, 300)), want[7:307])  # offset into the buffers
+        chunked = pa.chunked_array([column.slice(0, 100), column.slice(100, 0), column.slice(100)])
+        assert np.array_equal(split_fractions(chunked), want)
+        salted = [split_fraction(t, "encoder-gate") for t in texts[:50]]
+        assert split_fractions(column.slice(0, 50), "encoder-gate").tolist() == salted
+    assert ((split_fractions(pa.array(texts)) < 0.05) == [is_val(t, 0.05) for t in texts]).all()
+    # A null counts as "", even when its slot spans bytes (Arrow leaves those unspecified).
+    offsets = pa.py_buffer(np.array([0, 3, 6, 9], np.int64).tobytes())
+    validity = pa.py_buffer(bytes([0b101]))
+    nulls = pa.Array.from_buffers(pa.large_string(), 3, [validity, offsets, pa.py_buffer(b"abcdefghi")], null_count=1)
+    assert split_fractions(nulls).tolist() == [split_fraction("abc"), split_fraction(""), split_fraction("ghi")]
+    assert len(split_fractions(pa.array([], pa.large_string()))) == 0
+    with pytest.raises(TypeError, match="string column"):
+        split_fractions(pa.array([1, 2]))
+
+
+def test_arrow_ids_write_the_same_bytes_as_python_ids(tmp_path: Path) -> None:
+    # The shards stage hands over ids taken and sliced from Parquet columns; the file must not depend on that.
+    names = [f"raw/file-{i}.txt#{i}" for i in range(60)]
+    taken = pa.array(["pad", *names], pa.large_string()).slice(1).take(pa.array(range(60)))
+    sliced = pa.concat_arrays([pa.array(["x", *names[:20]]).slice(1), pa.array(names[20:])])
+    values = np.arange(240, dtype=np.uint16)
+    offsets = np.arange(0, 241, 4)
+    write_token_shard_arrays(tmp_path / "list.arrow", names, values, offsets, 8192)
+    for i, ids in enumerate([taken, sliced, sliced.slice(0)]):
+        write_token_shard_arrays(tmp_path / f"arrow{i}.arrow", ids, values, offsets, 8192)
+        assert (tmp_path / f"arrow{i}.arrow").read_bytes() == (tmp_path / "list.arrow").read_bytes()
+    assert read_shard(tmp_path / "arrow0.arrow")[0] == names
