@@ -41,7 +41,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -60,6 +60,25 @@ DEFAULT_DOMAINS = DATA_DIR / "ut1_domains.txt.gz"
 _WORD = re.compile(r"\w+")
 _SPACE = pa.scalar(" ", pa.large_string())
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
+
+
+def _split_words(texts: Sequence[str | None]) -> tuple[pa.Array, np.ndarray]:
+    """`decontaminate.split_words`: ASCII texts split with numpy over their bytes, the others with Arrow."""
+    from refinery.tasks.quality._text import ascii_words  # here: the quality package imports this module
+
+    arr = pc.fill_null(pa.array(texts, pa.large_string()), "")
+    is_ascii = np.asarray(pc.string_is_ascii(arr).to_numpy(zero_copy_only=False), bool)
+    fast, slow = np.flatnonzero(is_ascii), np.flatnonzero(~is_ascii)
+    words, doc = ascii_words(arr.take(pa.array(fast)))
+    doc = fast[doc]
+    if len(slow):
+        other, starts = split_words(arr.take(pa.array(slow)).to_pylist())
+        order = np.argsort(np.concatenate([doc, np.repeat(slow, np.diff(starts))]), kind="stable")
+        words = pa.concat_arrays([words, other.cast(pa.large_string())]).take(pa.array(order))
+        doc = np.concatenate([doc, np.repeat(slow, np.diff(starts))])[order]
+    starts = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(np.bincount(doc, minlength=len(texts)), out=starts[1:])
+    return words, starts
 
 
 def bundled_word_list(code: str) -> Path:
@@ -179,15 +198,18 @@ class BlockLists:
         ngrams = {k: frozenset(v) for k, v in sorted(by_len.items())}
         return BlockLists(single, ngrams, phrases, odd_filter, frozenset(domains), digest)
 
-    def word_hits(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def word_hits(
+        self, texts: Sequence[str | None], split: tuple[pa.Array, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Per document: block-list matches, words, and the term shown in a drop's detail.
 
         Single words are one `is_in` over all words of the batch; phrases are searched for only in the
         documents holding their words in sequence (one `is_in` over the batch's k-word sequences that
         start with a phrase's first word), so the regular expression sees few documents. The term shown is
-        the first phrase found, else the earliest listed word.
+        the first phrase found, else the earliest listed word. `split` is `_split_words(texts)` when the
+        caller has it.
         """
-        words, starts = split_words(texts)
+        words, starts = split if split is not None else _split_words(texts)
         n = len(texts)
         counts = np.diff(starts)
         doc = np.repeat(np.arange(n), counts)
@@ -247,40 +269,127 @@ def _meta_url(meta: str | None) -> str:
     return value if isinstance(value, str) else ""
 
 
-def toxicity_scores(texts: Sequence[str | None]) -> np.ndarray:
+@functools.cache
+def _toxicity_model() -> tuple[Any, Any, pa.Array | None, np.ndarray]:
+    """`alt-profanity-check`'s vectorizer and model, and what the vectorised counting needs (None: unusable).
+
+    The counting below reproduces `TfidfVectorizer`'s own for the settings the shipped vectorizer has; a
+    vectorizer with other settings is only ever called through scikit-learn.
+    """
+    from profanity_check.profanity_check import model, vectorizer
+
+    params = vectorizer.get_params()
+    expected = {"analyzer": "word", "lowercase": True, "ngram_range": (1, 1), "preprocessor": None,
+                "tokenizer": None, "strip_accents": None, "token_pattern": r"(?u)\b\w\w+\b", "binary": False,
+                "use_idf": True, "sublinear_tf": False, "norm": "l2"}  # fmt: skip
+    if any(params.get(k) != v for k, v in expected.items()) or params.get("dtype") is not np.float64:
+        return vectorizer, model, None, np.empty(0, np.int64)
+    stop = vectorizer.get_stop_words() or frozenset()
+    listed = sorted((col, term) for term, col in vectorizer.vocabulary_.items() if term not in stop)
+    terms = pa.array([term for _, term in listed], pa.large_string())
+    return vectorizer, model, terms, np.array([col for col, _ in listed], np.int64)
+
+
+def _ascii_counts(words: pa.Array, doc: np.ndarray, n_docs: int, terms: pa.Array, columns: np.ndarray,
+                  n_features: int) -> Any:
+    """The term-count matrix `CountVectorizer.transform` makes of ASCII texts, built with Arrow and numpy.
+
+    On ASCII text the token pattern `\\b\\w\\w+\\b` finds the lower-cased runs of two or more `[A-Za-z0-9_]`
+    (`ascii_words`; shorter ones are never in `terms`), and stop words are not in `terms`. Entries are sorted
+    by column within each row, with the dtypes scikit-learn uses, so the tf-idf weights and scores that follow
+    are bit-for-bit its own.
+    """
+    import scipy.sparse as sp
+
+    idx = pc.index_in(words, value_set=terms)
+    known = idx.is_valid().to_numpy(zero_copy_only=False)
+    key = doc[known] * n_features + columns[idx.drop_null().to_numpy()]
+    cells, counts = np.unique(key, return_counts=True)
+    rows = cells // n_features
+    indptr = np.zeros(n_docs + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_docs), out=indptr[1:])
+    x = sp.csr_array(
+        (counts.astype(np.intc), (cells % n_features).astype(np.int32), indptr.astype(np.int32)),
+        shape=(n_docs, n_features), dtype=np.float64,
+    )
+    x.sort_indices()
+    return x
+
+
+def toxicity_scores(
+    texts: Sequence[str | None] | pa.Array, split: tuple[pa.Array, np.ndarray] | None = None
+) -> np.ndarray:
     """`alt-profanity-check`'s probability that each text is offensive, in one vectorised call; 0 for empty text.
 
-    Imported on first use: loading scikit-learn and the model takes seconds, and runs with the classifier
-    off never pay it.
+    ASCII texts (most of a web crawl's English) are counted with Arrow; scikit-learn's vectorizer, a Python
+    loop over every token, counts only the others. Both give the same matrix, so the same scores. Imported on
+    first use: loading scikit-learn and the model takes seconds, and runs with the classifier off never pay it.
+    `split` is `_split_words(texts)` when the caller has it: its words of an ASCII text are the counted ones.
     """
-    from profanity_check import predict_prob
+    from sklearn.preprocessing import normalize
 
-    scores = np.zeros(len(texts), np.float64)
-    present = [i for i, t in enumerate(texts) if t and not t.isspace()]
-    if present:
-        scores[present] = predict_prob([texts[i] for i in present])
+    from refinery.tasks.quality._text import ascii_words  # here: the quality package imports this module
+
+    vectorizer, model, terms, columns = _toxicity_model()
+    arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), pa.large_string())
+    arr = pc.fill_null(arr.cast(pa.large_string()), "")
+    scores = np.zeros(len(arr), np.float64)
+    is_ascii = np.asarray(pc.string_is_ascii(arr).to_numpy(zero_copy_only=False), bool)
+    if terms is None:
+        is_ascii[:] = False
+    # Python's `str.isspace` on ASCII: tab to carriage return, the four separators \x1c-\x1f and space.
+    blank = pc.match_substring_regex(arr, r"^[\t-\r\x1c-\x20]*$").to_numpy(zero_copy_only=False)
+    fast = np.flatnonzero(is_ascii & ~blank)
+    if len(fast):
+        if split is None:
+            words, doc = ascii_words(arr.take(pa.array(fast)))
+        else:
+            row = np.full(len(arr), -1, np.int64)
+            row[fast] = np.arange(len(fast))
+            of_word = row[np.repeat(np.arange(len(arr)), np.diff(split[1]))]
+            words, doc = split[0].filter(pa.array(of_word >= 0)), of_word[of_word >= 0]
+        x = _ascii_counts(words, doc, len(fast), terms, columns, len(vectorizer.vocabulary_))
+        x.data *= vectorizer.idf_[x.indices]  # `TfidfTransformer.transform`, step by step
+        x = normalize(x, norm="l2", copy=False)
+        scores[fast] = model.predict_proba(x)[:, 1]
+    rest = np.flatnonzero(~is_ascii)
+    if len(rest):
+        values = arr.take(pa.array(rest)).to_pylist()
+        present = [j for j, t in enumerate(values) if t and not t.isspace()]
+        if present:
+            x = vectorizer.transform([values[j] for j in present])
+            scores[rest[present]] = model.predict_proba(x)[:, 1]
     return scores
 
 
 def safety_signals(
-    texts: Sequence[str | None], metas: Sequence[str | None] | None, rules: SafetyRules
+    texts: Sequence[str | None], metas: Sequence[str | None] | None, rules: SafetyRules,
+    arr: pa.Array | None = None,
 ) -> dict[str, pa.Array]:
-    """Signal columns for a batch: block-list word matches, blocked meta URL, blocked URLs in the text, toxicity."""
+    """Signal columns for a batch: block-list word matches, blocked meta URL, blocked URLs in the text, toxicity.
+
+    `arr` is `texts` as an Arrow array when the caller has one (the classifier reads it without a copy).
+    Only the documents whose meta names a URL, or whose text may hold one, are looked at in Python.
+    """
     lists = rules.lists()
     n = len(texts)
     host_col: list[str] = [""] * n
     blocked = np.zeros(n, bool)
     text_urls = np.zeros(n, np.int64)
-    hits, words, first = lists.word_hits(texts)
-    for i in range(n):
-        url = _meta_url(metas[i]) if metas is not None else ""
-        if url:
-            host_col[i] = host_of(url)
-            blocked[i] = lists.blocked_host(host_col[i])
-        text = texts[i] or ""
-        if rules.check_text_urls and ("http" in text or "www." in text):
-            text_urls[i] = sum(lists.blocked_host(host_of(u)) for u in _URL.findall(text))
+    split = _split_words(texts)
+    hits, words, first = lists.word_hits(texts, split)
+    if metas is not None:
+        for i in [i for i, m in enumerate(metas) if m and '"url"' in m]:
+            url = _meta_url(metas[i])
+            if url:
+                host_col[i] = host_of(url)
+                blocked[i] = lists.blocked_host(host_col[i])
+    if rules.check_text_urls:
+        for i, text in enumerate(texts):
+            if text and ("http" in text or "www." in text):
+                text_urls[i] = sum(lists.blocked_host(host_of(u)) for u in _URL.findall(text))
     frac = np.divide(hits, words, out=np.zeros(n, np.float64), where=words > 0)
+    toxicity = toxicity_scores(texts if arr is None else arr, split) if rules.toxicity else np.full(n, np.nan)
     return {
         "safety_word_hits": pa.array(hits, pa.int64()),
         "safety_word_frac": pa.array(frac, pa.float64()),
@@ -289,5 +398,5 @@ def safety_signals(
         "safety_blocked_domain": pa.array(blocked, pa.bool_()),
         "safety_blocked_text_urls": pa.array(text_urls, pa.int64()),
         # NaN when the classifier is off: no threshold drops it, and every batch has the same columns
-        "toxicity": pa.array(toxicity_scores(texts) if rules.toxicity else np.full(n, np.nan), pa.float64()),
+        "toxicity": pa.array(toxicity, pa.float64()),
     }

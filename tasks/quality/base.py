@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from refinery.tasks.quality._text import Words
+from refinery.tasks.quality._text import Lines, Words, simple_texts
 
 # Which documents a family's rules judge: prose (every format except the code formats), code, or all.
 AppliesTo = Literal["prose", "code", "all"]
@@ -53,6 +53,16 @@ class Batch:
     def words(self) -> Words:
         """Whitespace words (Gopher's definition), split with Arrow once for every family that counts words."""
         return Words.split(self.arr)
+
+    @functools.cached_property
+    def simple(self) -> np.ndarray:
+        """Which texts the line rules judge vectorised (`_text.NOT_SIMPLE`); the rest take Python."""
+        return simple_texts(self.arr)
+
+    @functools.cached_property
+    def lines(self) -> Lines:
+        """The lines of the simple texts, split once for every family with line rules."""
+        return Lines.split(self.arr, self.simple)
 
     def column(self, name: str) -> list[Any] | None:
         """Another document column (one a family lists in `inputs`) as Python values; None when not given."""
@@ -120,14 +130,17 @@ class RuleFamily(BaseModel):
             fails = col < limit
         else:
             fails = col > limit
-        shown_col = signals.column(rule.detail_column).to_pylist() if rule.detail_column else None
+        shown: list[Any] = []  # the detail column as Python values, converted on the first failing row
 
         def detail(i: int) -> str:
             v = col[i]
-            shown = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
-            text = f"{rule.column}={shown} {SIGN[rule.op]} {rule.limit}={limit}"
-            if shown_col is not None and shown_col[i]:
-                text += f" ({rule.detail_column}={shown_col[i]!r})"
+            value = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
+            text = f"{rule.column}={value} {SIGN[rule.op]} {rule.limit}={limit}"
+            if rule.detail_column:
+                if not shown:
+                    shown.extend(signals.column(rule.detail_column).to_pylist())
+                if shown[i]:
+                    text += f" ({rule.detail_column}={shown[i]!r})"
             return text
 
         return fails, detail

@@ -9,14 +9,24 @@ import re
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 from pydantic import Field
 
+from refinery.tasks.quality._text import Lines, ascii_table, per_doc, text_bytes
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 C4_END_PUNCT = (".", "?", "!", '"', "'")
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 _SENTENCE_END = re.compile(r"[.!?…]+(?=[\s\"'”’)\]]|$)")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+# What a line rule looks for besides sentences; a simple text holding none of it needs no per-line search.
+_MARKERS = "(?i:lorem ipsum|javascript|" + "|".join(_POLICY) + r")|[{\[]"
+# On simple texts (`_text.NOT_SIMPLE`): whitespace inside a line, C4's end marks, sentence marks, and what may
+# follow a sentence's mark (`_SENTENCE_END`'s look-ahead on ASCII).
+_SPACE = ascii_table(" \t")
+_END = ascii_table("".join(C4_END_PUNCT))
+_MARK = ascii_table(".!?")
+_AFTER_MARK = ascii_table(" \t\"')]")
 
 
 class C4Rules(RuleFamily):
@@ -45,37 +55,94 @@ class C4Rules(RuleFamily):
     skip_policy_lines: bool = True
 
     def signals(self, batch: Batch) -> dict[str, Any]:
-        texts = batch.texts
-        n_docs = len(texts)
+        n_docs = len(batch)
         sentences = np.zeros(n_docs, np.int64)
         lorem = np.zeros(n_docs, bool)
         curly = np.zeros(n_docs, bool)
         kept_frac = np.zeros(n_docs)
-        for i, t in enumerate(texts):
-            lines = t.splitlines()
-            kept = 0
-            for raw in lines:
-                line = raw.strip()
-                line_words = line.split()
-                # Only a line longer than the limit can hold a word longer than it: most lines skip the scan.
-                if len(line) > self.max_word_length and any(len(w) > self.max_word_length for w in line_words):
-                    continue
-                if self.remove_citations:
-                    line = _CITATION.sub("", line)
-                if self.require_terminal_punct and (not line.endswith(C4_END_PUNCT) or line.endswith("...")):
-                    continue
-                if len(line_words) < self.min_words_per_line:
-                    continue
-                low = line.lower()
-                if "lorem ipsum" in low:
-                    lorem[i] = True
-                if self.skip_javascript_lines and "javascript" in low:
-                    continue
-                if "{" in line:
-                    curly[i] = True
-                if self.skip_policy_lines and any(p in low for p in _POLICY):
-                    continue
-                sentences[i] += max(1, len(_SENTENCE_END.findall(line)))
-                kept += 1
-            kept_frac[i] = kept / len(lines) if lines else 0.0
+        fast = batch.simple.copy()
+        if fast.any():  # texts that may hold a marker a line rule looks for take the Python path
+            marked = pc.match_substring_regex(batch.arr, _MARKERS).fill_null(True)
+            fast &= ~np.asarray(marked.to_numpy(zero_copy_only=False), bool)
+        if fast.any():
+            self._simple_signals(batch.lines, fast, sentences, kept_frac)
+        rest = np.flatnonzero(~fast).tolist()
+        texts = batch.texts if rest else []
+        for i in rest:
+            sentences[i], lorem[i], curly[i], kept_frac[i] = self.text_signals(texts[i])
         return {"c4_sentences": sentences, "c4_lorem_ipsum": lorem, "c4_curly_bracket": curly, "c4_kept_lines_frac": kept_frac}
+
+    def text_signals(self, t: str) -> tuple[int, bool, bool, float]:
+        """Sentences, lorem ipsum, curly bracket and the share of lines kept of one text (the definition)."""
+        lines = t.splitlines()
+        kept = sentences = 0
+        lorem = curly = False
+        for raw in lines:
+            line = raw.strip()
+            line_words = line.split()
+            # Only a line longer than the limit can hold a word longer than it: most lines skip the scan.
+            if len(line) > self.max_word_length and any(len(w) > self.max_word_length for w in line_words):
+                continue
+            if self.remove_citations:
+                line = _CITATION.sub("", line)
+            if self.require_terminal_punct and (not line.endswith(C4_END_PUNCT) or line.endswith("...")):
+                continue
+            if len(line_words) < self.min_words_per_line:
+                continue
+            low = line.lower()
+            if "lorem ipsum" in low:
+                lorem = True
+            if self.skip_javascript_lines and "javascript" in low:
+                continue
+            if "{" in line:
+                curly = True
+            if self.skip_policy_lines and any(p in low for p in _POLICY):
+                continue
+            sentences += max(1, len(_SENTENCE_END.findall(line)))
+            kept += 1
+        return sentences, lorem, curly, kept / len(lines) if lines else 0.0
+
+    def _simple_signals(
+        self, lines: Lines, fast: np.ndarray, sentences: np.ndarray, kept_frac: np.ndarray
+    ) -> None:
+        """`text_signals` for the simple texts marked `fast` at once, with numpy over their lines' bytes.
+
+        Those texts hold no citation, lorem ipsum, JavaScript, policy phrase or curly bracket (`_MARKERS`), so
+        a line counts when its words are short enough and many enough and it ends with a sentence's mark.
+        """
+        data, offsets = text_bytes(lines.text)
+        starts, ends = offsets[:-1], offsets[1:]
+        solid = np.flatnonzero(~_SPACE[data])  # the bytes `strip` keeps: each line's first and last of them
+        lo, hi = np.searchsorted(solid, starts), np.searchsorted(solid, ends)
+        has = hi > lo
+        first = np.where(has, solid[np.minimum(lo, len(solid) - 1)] if len(solid) else 0, 0)
+        last = np.where(has, solid[np.maximum(hi - 1, 0)] if len(solid) else 0, 0)
+        word_start = ~_SPACE[data] & np.concatenate([[True], _SPACE[data[:-1]]])
+        word_start[starts[starts < len(data)]] = ~_SPACE[data[starts[starts < len(data)]]]
+        n_words = np.diff(np.searchsorted(np.flatnonzero(word_start), offsets))
+        ok = n_words >= self.min_words_per_line
+        long = np.flatnonzero(has & (last - first + 1 > self.max_word_length))
+        for j in long.tolist():
+            if any(len(w) > self.max_word_length for w in data[first[j] : last[j] + 1].tobytes().split()):
+                ok[j] = False
+        if self.require_terminal_punct and not len(data):
+            ok[:] = False
+        elif self.require_terminal_punct:
+            tail = data[last]
+            dots = (last - 2 >= first) & (tail == 46) & (data[np.maximum(last - 1, 0)] == 46) & (
+                data[np.maximum(last - 2, 0)] == 46
+            )
+            ok &= has & _END[tail] & ~dots
+        # A run of [.!?] ends a sentence before a space, tab, closing quote or bracket, or at the line's end.
+        marks = np.flatnonzero(_MARK[data])
+        line_of = np.searchsorted(offsets, marks, side="right") - 1
+        nxt = data[np.minimum(marks + 1, len(data) - 1)]
+        ends_here = (marks == last[line_of]) | _AFTER_MARK[nxt]
+        found = np.bincount(line_of[ends_here], minlength=len(starts))
+        n, docs = lines.n_docs, np.flatnonzero(fast)
+        sentences[docs] = per_doc(lines.doc, np.where(ok, np.maximum(1, found), 0), n)[docs].astype(np.int64)
+        counts = lines.counts[docs]
+        kept = per_doc(lines.doc, ok, n)[docs]
+        kept_frac[docs] = np.divide(kept, counts, out=np.zeros(len(docs)), where=counts > 0)
+
+

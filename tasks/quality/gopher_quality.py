@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import numpy as np
@@ -9,10 +10,51 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import TRIM, ratio
+from refinery.tasks.quality._text import (
+    ASCII_LOWER,
+    TRIM,
+    ascii_table,
+    byte_counts,
+    byte_ranges,
+    per_doc,
+    ratio,
+    text_bytes,
+)
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
+
+
+_PUNCT = ascii_table(string.punctuation)  # on ASCII, the characters of \p{P} and \p{S}, and of TRIM
+_LETTER = ascii_table(string.ascii_letters)
+_HIGH = np.arange(256) >= 128
+
+
+def _unicode_word_features(tok: pa.Array, stop_words: pa.Array) -> tuple[np.ndarray, ...]:
+    """Per word: only punctuation or symbols, holds a letter, length once trimmed, index in the stop words."""
+    symbol = pc.match_substring_regex(tok, r"^[\p{P}\p{S}]+$").to_numpy(zero_copy_only=False)
+    alpha = pc.match_substring_regex(tok, r"\p{L}").to_numpy(zero_copy_only=False)
+    trimmed = pc.utf8_trim(tok, TRIM)
+    lengths = pc.utf8_length(trimmed).to_numpy(zero_copy_only=False).astype(np.float64)
+    stop = pc.index_in(pc.utf8_lower(trimmed), value_set=stop_words)
+    return symbol, alpha, lengths, stop.fill_null(-1).to_numpy(zero_copy_only=False)
+
+
+def _word_features(tok: pa.Array, stop_words: pa.Array) -> tuple[np.ndarray, ...]:
+    """`_unicode_word_features` for ASCII words, with numpy over their bytes (others get wrong values)."""
+    data, offsets = text_bytes(tok)
+    size = np.diff(offsets)
+    symbol = (byte_counts(tok, _PUNCT) == size) & (size > 0)
+    alpha = byte_counts(tok, _LETTER) > 0
+    kept = np.flatnonzero(~_PUNCT[data])  # the bytes trimming keeps: a word's first and last of them
+    lo, hi = np.searchsorted(kept, offsets[:-1]), np.searchsorted(kept, offsets[1:])
+    has = hi > lo
+    first = np.where(has, kept[np.minimum(lo, len(kept) - 1)] if len(kept) else 0, offsets[:-1])
+    end = np.where(has, kept[np.maximum(hi - 1, 0)] + 1 if len(kept) else 0, offsets[:-1])
+    trimmed = byte_ranges(tok, first, end, ASCII_LOWER[data])
+    stop = pc.index_in(trimmed, value_set=stop_words)
+    stop_idx = np.array(stop.fill_null(-1).to_numpy(zero_copy_only=False))  # a writable copy
+    return symbol, alpha, (end - first).astype(np.float64), stop_idx
 
 
 class GopherQualityRules(RuleFamily):
@@ -45,16 +87,16 @@ class GopherQualityRules(RuleFamily):
     stop_words: list[str] = Field(default_factory=lambda: list(STOP_WORDS))
 
     def signals(self, batch: Batch) -> dict[str, Any]:
-        texts, words = batch.texts, batch.words
-        tok = words.tokens
-        symbol = pc.match_substring_regex(tok, r"^[\p{P}\p{S}]+$").to_numpy(zero_copy_only=False)
-        alpha = pc.match_substring_regex(tok, r"\p{L}").to_numpy(zero_copy_only=False)
-        trimmed = pc.utf8_trim(tok, TRIM)
-        lengths = pc.utf8_length(trimmed).to_numpy(zero_copy_only=False).astype(np.float64)
+        words = batch.words
+        stop_words = pa.array(self.stop_words, pa.string())
+        symbol, alpha, lengths, stop_idx = _word_features(words.tokens, stop_words)
+        other = np.flatnonzero(byte_counts(words.tokens, _HIGH) > 0)
+        if len(other):  # words with non-ASCII characters: Unicode classes and trimming, with Arrow
+            found = _unicode_word_features(words.tokens.take(pa.array(other)), stop_words)
+            for values, part in zip((symbol, alpha, lengths, stop_idx), found, strict=True):
+                values[other] = part
         n_all = words.counts.astype(np.float64)
         n_words = words.per_doc_sum(~symbol)
-        stop = pc.index_in(pc.utf8_lower(trimmed), value_set=pa.array(self.stop_words, pa.string()))
-        stop_idx = stop.fill_null(-1).to_numpy(zero_copy_only=False)
         hit = stop_idx >= 0
         distinct = np.unique(words.doc[hit].astype(np.int64) * (len(self.stop_words) + 1) + stop_idx[hit])
         n_stop = np.bincount(distinct // (len(self.stop_words) + 1), minlength=words.n_docs)
@@ -64,10 +106,20 @@ class GopherQualityRules(RuleFamily):
             return pc.count_substring(batch.arr, sub).to_numpy(zero_copy_only=False).astype(np.float64)
 
         symbols = np.maximum(count("#"), count("...") + count("…"))
-        bullets = np.zeros(len(texts))
-        ellipsis_lines = np.zeros(len(texts))
-        for i, t in enumerate(texts):
-            lines = t.splitlines()
+        bullets = np.zeros(len(batch))
+        ellipsis_lines = np.zeros(len(batch))
+        if batch.simple.any():  # on ASCII lines: "-" or "*" after spaces; "..." before spaces
+            view = batch.lines
+            docs = view.docs[view.counts[view.docs] > 0]
+            count = view.counts[docs]
+            bullet = pc.match_substring_regex(view.text, r"^[ \t]*[-*]").to_numpy(zero_copy_only=False)
+            ellipsis = pc.match_substring_regex(view.text, r"\.\.\.[ \t]*$").to_numpy(zero_copy_only=False)
+            bullets[docs] = per_doc(view.doc, bullet, view.n_docs)[docs] / count
+            ellipsis_lines[docs] = per_doc(view.doc, ellipsis, view.n_docs)[docs] / count
+        rest = np.flatnonzero(~batch.simple).tolist()
+        texts = batch.texts if rest else []
+        for i in rest:
+            lines = texts[i].splitlines()
             if lines:
                 bullets[i] = sum(1 for s in lines if s.lstrip().startswith(("•", "-", "*", "‣", "–"))) / len(lines)
                 ellipsis_lines[i] = sum(1 for s in lines if s.rstrip().endswith(("...", "…"))) / len(lines)

@@ -6,10 +6,11 @@ import re
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import Words, find_duplicates, ratio
+from refinery.tasks.quality._text import Words, find_duplicates, per_doc, ratio, repeated, repeated_in_doc
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 TOP_NGRAMS = (2, 3, 4)
@@ -29,23 +30,38 @@ _RULES = (
 )
 
 
-def _ngram_keys(ids: np.ndarray, words: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hash keys of the word n-grams that stay inside one document, and their start positions."""
-    total = len(ids)
-    pos_in_doc = np.arange(total) - words.offsets[:-1][words.doc]
-    valid = np.flatnonzero(pos_in_doc <= words.counts[words.doc] - n)
-    key = (words.doc[valid].astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-    for k in range(n):
-        key = (key ^ ids[valid + k].astype(np.uint64)) * np.uint64(0xBF58476D1CE4E5B9)
-        key ^= key >> np.uint64(31)
-    return key, valid
-
-
-def _repeats(keys: np.ndarray) -> np.ndarray:
-    """Whether each key occurred earlier in `keys`: a hash table, several times faster than sorting them."""
+def _occurrences(keys: np.ndarray) -> np.ndarray:
+    """How often each key occurs in `keys`, for each position: a hash table rather than a sort."""
     import pandas as pd  # here, not at the top: importing pandas slows every worker's start
 
-    return pd.Series(keys, copy=False).duplicated(keep="first").to_numpy()
+    codes, _ = pd.factorize(keys)
+    return np.bincount(codes)[codes].astype(np.int64)
+
+
+class _NgramKeys:
+    """Hash keys of the word n-grams that stay inside one document, for n = 2, 3, ... in turn.
+
+    The key of an n-gram is its document's seed mixed with its words one at a time, so the keys for n are the
+    keys for n - 1 mixed with one more word: each step reuses the last, and every key is the one the full
+    computation gives.
+    """
+
+    def __init__(self, ids: np.ndarray, words: Words) -> None:
+        self.ids = ids.astype(np.uint64)
+        pos_in_doc = np.arange(len(ids)) - words.offsets[:-1][words.doc]
+        self.room = words.counts[words.doc] - pos_in_doc  # words from each position to its document's end
+        self.key = (words.doc.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        self.n = 0
+
+    def __call__(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys of the n-grams and their start positions (n never smaller than the last call's)."""
+        while self.n < n:  # the key of the n-gram at s, for every s with a word at s + n - 1
+            m = len(self.ids) - self.n
+            key = (self.key[:m] ^ self.ids[self.n : self.n + m]) * np.uint64(0xBF58476D1CE4E5B9)
+            key ^= key >> np.uint64(31)
+            self.key, self.n = key, self.n + 1
+        valid = np.flatnonzero(self.room >= n)
+        return self.key[valid], valid
 
 
 class GopherRepetitionRules(RuleFamily):
@@ -70,14 +86,31 @@ class GopherRepetitionRules(RuleFamily):
     max_dup_10gram_char_frac: float = Field(0.10, ge=0, le=1)
 
     def signals(self, batch: Batch) -> dict[str, Any]:
-        texts, words = batch.texts, batch.words
-        n_docs = len(texts)
+        words = batch.words
+        n_docs = len(batch)
         out: dict[str, np.ndarray] = {}
         para_frac, para_chars, line_frac, line_chars = (np.zeros(n_docs) for _ in range(4))
-        text_len = np.array([len(t) for t in texts], dtype=np.float64)
-        for i, t in enumerate(texts):
-            if not t:
-                continue
+        text_len = pc.utf8_length(batch.arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
+        simple = batch.simple & (text_len > 0)
+        if simple.any():
+            docs = np.flatnonzero(simple)
+            texts = batch.arr.take(pa.array(docs))
+            # On simple texts `str.strip` is Arrow's ASCII trim, and `re.split` splits as Arrow's RE2 does.
+            for pieces, frac, chars in (
+                (pc.split_pattern_regex(pc.ascii_trim_whitespace(texts), r"\n{2,}"), para_frac, para_chars),
+                (pc.split_pattern_regex(texts, r"\n+"), line_frac, line_chars),
+            ):
+                offsets = pieces.offsets.to_numpy().astype(np.int64)
+                doc = np.repeat(docs, np.diff(offsets))
+                flat = pieces.flatten()
+                dup = repeated_in_doc(flat, doc)
+                length = pc.binary_length(flat).to_numpy(zero_copy_only=False)
+                frac[docs] = per_doc(doc, dup, n_docs)[docs] / np.diff(offsets)
+                chars[docs] = per_doc(doc, np.where(dup, length, 0), n_docs)[docs] / text_len[docs]
+        rest = np.flatnonzero(~batch.simple & (text_len > 0)).tolist()
+        values = batch.texts if rest else []
+        for i in rest:
+            t = values[i]
             paras = _PARA_SPLIT.split(t.strip())
             dup, chars = find_duplicates(paras)
             para_frac[i], para_chars[i] = dup / len(paras), chars / len(t)
@@ -92,29 +125,30 @@ class GopherRepetitionRules(RuleFamily):
         ids = pc.dictionary_encode(words.tokens).indices.to_numpy(zero_copy_only=False) if has_words else np.empty(0, np.int32)
         wlen = pc.utf8_length(words.tokens).to_numpy(zero_copy_only=False).astype(np.float64) if has_words else np.empty(0)
         cum = np.concatenate([[0.0], np.cumsum(wlen)])
+        ngram_keys = _NgramKeys(ids, words)
         for n in TOP_NGRAMS:
             # The most frequent n-gram's characters (words joined by spaces) times its count.
-            key, start = _ngram_keys(ids, words, n)
+            key, start = ngram_keys(n)
             top = np.zeros(n_docs)
             if len(key):
-                _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-                occ = counts[inverse]
+                occ = _occurrences(key)
                 doc = words.doc[start]
                 best = np.zeros(n_docs, np.int64)
                 np.maximum.at(best, doc, occ)
                 at_best = np.flatnonzero(occ == best[doc])
-                first_doc, first = np.unique(doc[at_best], return_index=True)
+                best_doc = doc[at_best]  # in order: the first of each document's run is its earliest
+                first = np.flatnonzero(np.concatenate([[True], best_doc[1:] != best_doc[:-1]]))
+                first_doc = best_doc[first]
                 s = start[at_best[first]]
                 chars = cum[s + n] - cum[s] + (n - 1)
                 top[first_doc] = best[first_doc] * chars
             out[f"gopher_top_{n}gram_char_frac"] = ratio(top, text_len)
         for n in DUP_NGRAMS:
             # Characters of the words covered by any repeated occurrence of an n-gram.
-            key, start = _ngram_keys(ids, words, n)
+            key, start = ngram_keys(n)
             dup_chars = np.zeros(n_docs)
             if len(key):
-                repeated = _repeats(key)
-                rs = start[repeated]
+                rs = start[repeated(key)]
                 cover = np.zeros(len(ids) + 1, np.int64)
                 np.add.at(cover, rs, 1)
                 np.add.at(cover, rs + n, -1)

@@ -139,19 +139,39 @@ class LanguageRules(RuleFamily):
         return {"lang": langs, "lang_score": scores}
 
     def _recheck_prose(self, batch: Batch, langs: pa.Array, scores: np.ndarray) -> tuple[pa.Array, np.ndarray]:
-        """Scores of unsure documents from their prose lines, where those name the same language more surely."""
+        """Scores of unsure documents from their prose lines, where those name the same language more surely.
+
+        A document whose prose view is its text (one line, or every line prose and nothing dropped) would be
+        classified exactly as before, so only the others are classified again.
+        """
         unsure = np.flatnonzero(scores < PROSE_RECHECK_BELOW)
         if not len(unsure):
             return langs, scores
+        # What `str.splitlines` breaks at: a text without any of these is one line, its own prose view.
+        breaks = pc.match_substring_regex(
+            batch.arr.take(pa.array(unsure)), r"[\n\r\x0b\x0c\x1c-\x1e\x{85}\x{2028}\x{2029}]"
+        )
+        multi = np.flatnonzero(breaks.fill_null(False).to_numpy(zero_copy_only=False))
+        if not len(multi):
+            return langs, scores
         texts = batch.texts
-        views = [prose_lines(texts[i][: self.max_chars * 4]) for i in unsure.tolist()]
+        again_at, views = [], []
+        for j in multi.tolist():
+            i = int(unsure[j])
+            text = texts[i][: self.max_chars * 4]
+            view = prose_lines(text)
+            if view != text:
+                again_at.append(i)
+                views.append(view)
+        if not views:
+            return langs, scores
         if self.backend == "fasttext":
             again_langs, again = fasttext_languages(pa.array(views, pa.large_string()), self.max_chars)
         else:
             again_langs, again = py3langid_languages(views, self.max_chars)
         out_langs = langs.to_pylist()
         scores = scores.copy()
-        for j, i in enumerate(unsure.tolist()):
+        for j, i in enumerate(again_at):
             if again_langs[j].as_py() == out_langs[i] and again[j] > scores[i]:
                 scores[i] = again[j]
         return pa.array(out_langs, pa.string()), scores

@@ -219,13 +219,16 @@ class SecretRules(RuleFamily):
     drop_generic: bool = Field(False, description="also drop one with only generic `password = ...` values")
 
     def signals(self, batch: Batch) -> dict[str, Any]:
-        texts = batch.texts
-        found: list[list[Span]] = [[] for _ in texts]
-        for i in np.flatnonzero(may_hold_secrets(batch.arr)).tolist():
-            found[i] = find_secrets(texts[i])
-        generic = [sum(k == "generic_secret" for k, _, _ in f) for f in found]
-        return {
-            "secrets_found": np.array([len(f) - g for f, g in zip(found, generic, strict=True)], np.int32),
-            "secrets_generic": np.array(generic, np.int32),
-            "secrets_kind": pa.array([",".join(sorted({k for k, _, _ in f})) for f in found], pa.string()),
-        }
+        n = len(batch)
+        issuer = np.zeros(n, np.int32)
+        generic = np.zeros(n, np.int32)
+        kinds = [""] * n
+        candidates = np.flatnonzero(may_hold_secrets(batch.arr)).tolist()
+        texts = batch.texts if candidates else []
+        for i in candidates:  # only the few texts holding a pattern's literal are searched in Python
+            found = find_secrets(texts[i])
+            generic[i] = sum(k == "generic_secret" for k, _, _ in found)
+            issuer[i] = len(found) - generic[i]
+            kinds[i] = ",".join(sorted({k for k, _, _ in found}))
+        kind = pa.array(kinds, pa.string())
+        return {"secrets_found": issuer, "secrets_generic": generic, "secrets_kind": kind}
