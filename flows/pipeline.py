@@ -143,14 +143,14 @@ def run_stage(env: RunEnv, name: str, inputs: dict[str, StageOutput]) -> StageOu
     (stage_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the stage is no longer complete
     sweep_temporaries(stage_dir)
     started = time.perf_counter()
-    call = StageCall(
-        dir=stage_dir, cfg=cfg, inputs=inputs, input_digest=digest, sources=list(env.sources),
-        progress=env.cfg.execution.progress, executor=env.executor,
-        on_metrics=lambda step, metrics: env.lineage.log_metrics(run_id, metrics, step),
-        tracking_uri=env.lineage.tracking_uri, code_version=stage.code_version,
-    )
     try:
-        with env.lineage.system_metrics(run_id, env.cfg.tracking.system_metrics_s):
+        with env.lineage.system_metrics(run_id, env.cfg.tracking.system_metrics_s), \
+                env.lineage.buffered_metrics(run_id) as on_metrics:  # fmt: skip
+            call = StageCall(
+                dir=stage_dir, cfg=cfg, inputs=inputs, input_digest=digest, sources=list(env.sources),
+                progress=env.cfg.execution.progress, executor=env.executor, on_metrics=on_metrics,
+                tracking_uri=env.lineage.tracking_uri, code_version=stage.code_version,
+            )
             result = stage.run(call)
         manifest = build_manifest(
             name, cfg, digest, result, {"total": time.perf_counter() - started}, code_version=stage.code_version

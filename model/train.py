@@ -129,8 +129,8 @@ class TrainConfig(BaseModel):
         default=180.0, gt=0,
         description="time budget: after a few steps the run plans how many steps fit and the schedule decays by then",
     )
-    lr: float = Field(default=3e-3, gt=0)
-    min_lr: float = Field(default=3e-4, ge=0)
+    lr: float = Field(default=2e-3, gt=0)
+    min_lr: float = Field(default=2e-4, ge=0)
     warmup_steps: int = Field(default=20, ge=0)
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -143,7 +143,8 @@ class TrainConfig(BaseModel):
         default=50, ge=1, description="steps between validation runs (and one at the end)"
     )
     eval_batches: int | None = Field(
-        default=16, ge=1, description="validation batches per evaluation; None: all"
+        default=8, ge=1,
+        description="validation batches per evaluation during training (the eval stage has its own, eval.max_batches); None: all",
     )
     checkpoint_every: int = Field(
         default=100, ge=1, description="steps between checkpoints (and one at the end)"
@@ -325,12 +326,20 @@ BEST_DIR = "best"  # beside `checkpoint/`: the weights of the best validation lo
 CALIBRATION_STEPS = 5  # steps timed before the time budget is turned into a planned number of steps
 
 
-def replan_step(cfg: TrainConfig, planned: int) -> int:
-    """The step at which a run re-measures its speed and plans again: the end of the warm-up of a
-    schedule `planned` long (the cosine has not started, so a new length changes no learning rate
-    already used), and at least twice the first calibration's steps."""
+REPLANS = 2  # plans after the first: at the end of the warm-up, then at about a quarter of the schedule
+
+
+def replan_step(cfg: TrainConfig, planned: int, done: int = 0) -> int:
+    """The step at which a run re-measures its speed and plans again, after `done` re-plans.
+
+    First at the end of the warm-up of a schedule `planned` long (at least twice the first
+    calibration's steps): the cosine has not started, so a new length changes no learning rate
+    already used. Then at about a quarter of the schedule, from the steady steps since: there the
+    cosine is still near its top, so a new length moves the learning rate by a hair.
+    """
     warmup = cfg.warmup_steps if planned >= cfg.max_steps else min(cfg.warmup_steps, max(1, planned // 5))
-    return max(2 * CALIBRATION_STEPS, warmup)
+    first = max(2 * CALIBRATION_STEPS, warmup)
+    return first if done == 0 else max(first + 20, planned // 4)
 
 
 def plan_steps(
@@ -620,7 +629,8 @@ def _train(
             break
     rates: list[float] = []
     step, evaluated_at = start_step, start_step if not math.isnan(val_loss) else -1
-    calibrated_at: tuple[int, float] | None = None  # (step, time) of this process's first plan, until it re-plans
+    calibrated_at: tuple[int, float] | None = None  # (step, time) of this process's last plan, while it re-plans
+    replans = 0
     t_start = time.perf_counter()
     model.train()
     try:
@@ -666,16 +676,16 @@ def _train(
             # The time budget becomes a number of steps: first from the first steps (which pay for warm-up
             # allocations, so it errs short), then again from the steady steps at the end of the warm-up.
             calibrate = planned is None and step - start_step == CALIBRATION_STEPS
-            replan = calibrated_at is not None and step == replan_step(cfg, planned or total)
+            replan = calibrated_at is not None and step == replan_step(cfg, planned or total, replans)
             if cfg.max_time_s is not None and (calibrate or replan):
                 now = time.perf_counter()
                 if calibrate:
                     planned = plan_steps(cfg, step, now - t_start, step - start_step, seq_len)
-                    calibrated_at = (step, now)
                 else:
                     planned = plan_steps(cfg, step, now - t_start, step - calibrated_at[0], seq_len,
                                          timed_s=now - calibrated_at[1])  # fmt: skip
-                    calibrated_at = None
+                    replans += 1
+                calibrated_at = (step, now) if replans < REPLANS else None
                 if world_size > 1:  # rank 0's measurement decides for all
                     shared = torch.tensor([planned], device=device)
                     dist.broadcast(shared, src=0)
@@ -683,7 +693,8 @@ def _train(
                 if master and (planned != total or replan):
                     tqdm.write(
                         f"train: the time budget (max_time_s={cfg.max_time_s:g}) fits {planned} of max_steps="
-                        f"{cfg.max_steps} steps at the speed measured {'after the warm-up' if replan else 'so far'}; "
+                        f"{cfg.max_steps} steps at the speed measured "
+                        f"{('so far', 'after the warm-up', 'since')[replans] if replan else 'so far'}; "
                         f"the learning-rate schedule ends at step {planned}"
                     )
                 total = planned

@@ -259,6 +259,7 @@ def test_a_time_budget_is_planned_into_the_schedule() -> None:
 def test_the_budget_is_planned_again_from_the_steady_steps_at_the_end_of_the_warm_up(shards, tmp_path, capsys):
     cfg = TrainConfig(max_steps=1000, max_time_s=100.0, warmup_steps=30, tokens_per_step=1024, micro_batch_size=4)
     assert replan_step(cfg, 400) == 30 and replan_step(cfg, 60) == 12  # the planned schedule's warm-up, at least 10
+    assert replan_step(cfg, 400, done=1) == 100 and replan_step(cfg, 60, done=1) == 32  # a quarter, 20 past the first
     # The first 5 steps took 2 s (warm-up allocations); the 25 after them 2.5 s: 0.1 s a step, not 0.4.
     first = plan_steps(cfg, step=5, elapsed_s=2.0, steps_timed=5, seq_len=64)
     again = plan_steps(cfg, step=30, elapsed_s=4.5, steps_timed=25, seq_len=64, timed_s=2.5)
@@ -266,7 +267,8 @@ def test_the_budget_is_planned_again_from_the_steady_steps_at_the_end_of_the_war
     # A budgeted run re-plans once, at the end of its warm-up, and completes the schedule it planned.
     result = run(config(max_steps=400, max_time_s=60.0, warmup_steps=12, eval_every=100), shards, tmp_path / "out")
     err = capsys.readouterr()
-    assert (err.out + err.err).count("at the speed measured after the warm-up") == 1
+    said = err.out + err.err
+    assert said.count("at the speed measured after the warm-up") == 1 and said.count("at the speed measured since") == 1
     assert result.steps == result.planned_steps
 
 
