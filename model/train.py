@@ -126,7 +126,7 @@ class TrainConfig(BaseModel):
         "cosine schedule ends there",
     )
     max_time_s: float | None = Field(
-        default=180.0, gt=0,
+        default=160.0, gt=0,
         description="time budget: after a few steps the run plans how many steps fit and the schedule decays by then",
     )
     lr: float = Field(default=2e-3, gt=0)
