@@ -66,8 +66,8 @@ def poor_model_warning(metrics: dict[str, float], min_gain: float | None) -> str
     return (
         f"the model is no better than its baseline: validation loss {val:.4f} nats/token is {gain:.1%} below the "
         f"unigram baseline {unigram:.4f} (a model that knows only token frequencies), short of the "
-        f"{min_gain:.0%} eval.min_gain_over_unigram asks for. The corpus is probably too small for this model: "
-        "add documents, or choose a smaller train.preset"
+        f"{min_gain:.0%} eval.min_gain_over_unigram asks for: no useful model could be trained on this corpus, "
+        "which is probably too small for it. Add documents, or pin a smaller train.preset"
     )
 
 

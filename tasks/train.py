@@ -349,12 +349,14 @@ class TrainingPlan:
         )
 
     def describe(self) -> str:
-        budget = f", or fewer if max_time_s={self.max_time_s:g} allows fewer" if self.max_time_s else ""
+        steps = (f"at most {self.max_steps} steps x {self.tokens_per_step:,} tokens ({self.epochs:.1f} epochs), as "
+                 f"many as the time budget of {self.max_time_s:.0f} s fits: measured after the first steps"
+                 if self.max_time_s else
+                 f"{self.max_steps} steps x {self.tokens_per_step:,} tokens = {self.epochs:.1f} epochs")  # fmt: skip
         return (
             f"train: plan: {self.train_tokens:,} training tokens after curation; preset {self.preset}, "
             f"{self.num_params:,} parameters ({self.tokens_per_param:.2f} tokens per parameter, about "
-            f"{TOKENS_PER_PARAM:.0f} is compute-optimal); {self.max_steps} steps x {self.tokens_per_step:,} tokens "
-            f"= {self.epochs:.1f} epochs{budget}"
+            f"{TOKENS_PER_PARAM:.0f} is compute-optimal); {steps}"
         )
 
 
