@@ -312,6 +312,7 @@ def _resolve_preset(
 # compute-optimal ratio on purpose: the bundled sample (about 0.2) still trains a model 15% below the
 # unigram baseline. What decides is eval's baseline check (`eval.min_gain_over_unigram`).
 SMALL_CORPUS_TOKENS_PER_PARAM = 0.05
+SMALL_CORPUS_TOKENS = 100_000  # and below this many training tokens whatever the model: too few to learn a language
 SMALL_CORPUS_PATIENCE = 2  # `early_stop_patience: auto` on a small corpus: validation runs without a new best
 
 
@@ -336,8 +337,8 @@ class TrainingPlan:
 
     @property
     def small_corpus(self) -> str | None:
-        """A warning when the corpus is far too small for the model, else None."""
-        if self.tokens_per_param >= SMALL_CORPUS_TOKENS_PER_PARAM:
+        """A warning when the corpus is far too small for the model (or for any language model), else None."""
+        if self.tokens_per_param >= SMALL_CORPUS_TOKENS_PER_PARAM and self.train_tokens >= SMALL_CORPUS_TOKENS:
             return None
         return (
             f"the corpus is small for this model: {self.train_tokens:,} training tokens for {self.num_params:,} "
@@ -497,6 +498,8 @@ def run_train(
         "tokens_seen_by_format": seen.get("by_format", {}),
         "mixture": cfg.mixture,
         "nproc": cfg.nproc,
+        "small_corpus": plan.small_corpus,
+        "early_stop_patience": cfg.early_stop_patience,
     }  # fmt: skip
     if seen:
         print(f"train: tokens seen by format: {json.dumps(seen.get('by_format', {}))}", file=sys.stderr, flush=True)
