@@ -77,11 +77,14 @@ many times the compressed bytes read so far: real JSONL compresses 3-10x, a bomb
 dumps stream past the byte bound; a bomb is still named as one."""
 
 
-class _Counted(io.RawIOBase):
-    """A raw stream that counts the bytes read through it (the compressed side of a ratio)."""
+class CountingReader(io.RawIOBase):
+    """A raw stream that counts (and, given a `hasher`, hashes) the bytes read through it, and tells that
+    count as its position: the compressed side of a ratio, a planner's scan that doubles as the file's
+    hash, a stream that cannot seek handed to a reader that asks where it is."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, hasher: Any = None) -> None:
         self.raw = raw
+        self.hasher = hasher
         self.count = 0
 
     def readable(self) -> bool:
@@ -91,8 +94,13 @@ class _Counted(io.RawIOBase):
         data = self.raw.read(len(b))
         n = len(data)
         b[:n] = data
+        if self.hasher is not None:
+            self.hasher.update(data)
         self.count += n
         return n
+
+    def tell(self) -> int:
+        return self.count
 
 
 class Decompressed(io.RawIOBase):
@@ -116,7 +124,7 @@ class Decompressed(io.RawIOBase):
             except zstandard.ZstdError as exc:
                 raise ReadError("corrupt", f"zstd stream: {exc}") from exc
             raw.seek(0)
-        self._raw = _Counted(raw)
+        self._raw = CountingReader(raw)
         if method == "gzip":
             self._inner: Any = gzip.GzipFile(fileobj=self._raw)
         elif method == "bz2":

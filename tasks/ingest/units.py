@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from refinery.tasks.ingest.base import Context, Doc, Item, Problem, ReadError, Rows, split_name
-from refinery.tasks.ingest.compression import COMPRESSION, open_stream
+from refinery.tasks.ingest.compression import COMPRESSION, CountingReader, open_stream
 from refinery.tasks.ingest.config import IngestConfig
 from refinery.tasks.ingest.formats import format_for
 from refinery.tasks.ingest.sources import SourceFile, open_source
@@ -170,27 +170,12 @@ def _jsonl_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
     yield Unit(sf, "jsonl", start, -1, first, part, True, sha256=h.hexdigest(), nbytes=offset - start)
 
 
-class _Hashing(io.RawIOBase):
-    """A raw stream that hashes what is read through it (the planner's scan doubles as the file's hash)."""
+class _Hashing(CountingReader):
+    """The planner's scan of a file, which doubles as the file's hash (FastWARC asks it where it starts)."""
 
     def __init__(self, raw: Any) -> None:
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha256.update(data)
-        self.count += n
-        return n
-
-    def tell(self) -> int:  # FastWARC asks where it starts; the stream itself cannot seek
-        return self.count
+        super().__init__(raw, hashlib.sha256())
+        self.sha256 = self.hasher
 
     def drain(self) -> None:
         """Read (and hash) the rest of the file."""

@@ -171,13 +171,18 @@ def stream_jsonl(stream: BinaryIO, ctx: Context, first: int = 0) -> Iterator[Ite
         yield rows
 
 
-def read_jsonl(name: str, data: bytes, ctx: Context) -> Iterator[Item]:
-    """JSON Lines held in memory (an archive member): the streaming reader over its bytes."""
-    for item in stream_jsonl(io.BytesIO(data), ctx):
+def _items(streamed: Iterator[Item | Rows]) -> Iterator[Item]:
+    """A streaming reader's blocks as single items, for bytes held in memory (an archive member)."""
+    for item in streamed:
         if isinstance(item, Rows):
             yield from item.docs()
         else:
             yield item
+
+
+def read_jsonl(name: str, data: bytes, ctx: Context) -> Iterator[Item]:
+    """JSON Lines held in memory (an archive member): the streaming reader over its bytes."""
+    yield from _items(stream_jsonl(io.BytesIO(data), ctx))
 
 
 # -- JSON: a top-level array streamed element by element ----------------------------------------
@@ -463,11 +468,7 @@ def stream_json(stream: BinaryIO, ctx: Context) -> Iterator[Item | Rows]:
 
 def read_json(name: str, data: bytes, ctx: Context) -> Iterator[Item]:
     """A `.json` file held in memory (an archive member): the streaming reader over its bytes."""
-    for item in stream_json(io.BytesIO(data), ctx):
-        if isinstance(item, Rows):
-            yield from item.docs()
-        else:
-            yield item
+    yield from _items(stream_json(io.BytesIO(data), ctx))
 
 
 JSONL = Format("jsonl", read_jsonl, extensions={".jsonl", ".ndjson", ".jsonlines"})

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from refinery.tasks.ingest.base import Context, Doc, Format, Item, Problem, ReadError
+from refinery.tasks.ingest.compression import CountingReader
 from refinery.tasks.ingest.formats.html import html_to_text
 from refinery.tasks.ingest.formats.text import decode_text
 
@@ -62,7 +63,7 @@ def read_warc_stream(
     extractor = getattr(ctx.cfg, "warc_extractor", WARC_EXTRACTOR)
     seekable = stream.seekable()
     if not seekable:
-        stream = _Told(stream)  # FastWARC asks a stream where it starts
+        stream = CountingReader(stream)  # FastWARC asks a stream where it starts
     start = stream.tell() if seekable else 0
     gzipped = _peek(stream, 2) == _GZIP_MAGIC[:2] if seekable else False
     if seekable and _is_arc(stream, gzipped):
@@ -114,27 +115,6 @@ def read_warc_stream(
             if resume is not None and 0 <= stop <= resume:
                 return  # the next unit reads on from there
             resumed = True
-
-
-class _Told(io.RawIOBase):
-    """A stream that cannot seek (a pipe, an archive member), telling how far it has been read."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.count += n
-        return n
-
-    def tell(self) -> int:
-        return self.count
 
 
 def _record_item(record: Any, number: int, limit: int, extractor: str) -> Item | None:
