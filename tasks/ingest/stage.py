@@ -77,8 +77,9 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 _CONFIG_KEY = b"refinery.ingest.parse_config"
-PARSE_VERSION = 3  # 2: dataset files streamed by record (text field detection, meta columns, CSV/TSV);
-# 3: JSON arrays streamed by element, archives by member (limits per member), WARC files split into units
+PARSE_VERSION = 4  # 2: dataset files streamed by record (text field detection, meta columns, CSV/TSV);
+# 3: JSON arrays streamed by element, archives by member (limits per member), WARC files split into units;
+# 4: Parquet, Arrow and CSV/TSV archive members read record by record (no max_file_bytes); .tsv.gz by tabs
 
 
 def parse_config_hash(cfg: IngestConfig) -> str:

@@ -2,25 +2,31 @@
 
 An archive file is read from its open file, never whole: a tar (plain or compressed) is walked
 as a stream, member after member (`tarfile` mode `r|*`), a zip through its central directory.
-A member that is a dataset (JSON Lines, JSON, WARC, optionally compressed) is streamed through
-its reader, record by record; any other member is read into memory (at most `max_file_bytes`)
-and parsed under `file_timeout_s`. An archive inside an archive is read from its bytes.
+A member that is a dataset is read record by record through the reader a standalone file of its
+kind uses, with the same per-record limits and quarantine rows, and is not held to `max_file_bytes`:
+JSON Lines, JSON and WARC (optionally compressed) are streamed straight from the member; Parquet,
+Arrow IPC and CSV/TSV, whose readers seek or read twice, are first copied ("spooled") in 1 MiB
+chunks to a temporary file in the system temp dir, deleted as soon as the member is done (on error
+too). Any other member is read into memory (at most `max_file_bytes`) and parsed under
+`file_timeout_s`. An archive inside an archive is read from its bytes, members and all.
 
-Never extracted to disk, so a `../` or absolute member can't land anywhere (it is
-quarantined as `unsafe_path`). Records are numbered across all members (`#n`), and
+Never extracted to disk under a member's name, so a `../` or absolute member can't land anywhere
+(it is quarantined as `unsafe_path`). Records are numbered across all members (`#n`), and
 `meta.member` names the member (`outer.zip/inner.txt` for nested archives).
 
 An archive that trips a limit (`max_decompressed_bytes`, which every member's bytes are
-charged to, or more than `MAX_MEMBERS` members in one archive) raises `decompression_limit`
-naming the limit and the member where it tripped; nothing of it is kept, so a bomb is one
-quarantine row.
+charged to as they are read, spooled ones included, so a spool file never outgrows it; or more
+than `MAX_MEMBERS` members in one archive) raises `decompression_limit` naming the limit and the
+member where it tripped; nothing of it is kept, so a bomb is one quarantine row.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -34,6 +40,8 @@ from refinery.tasks.ingest.watchdog import FileTimeout, time_limit
 MAX_DEPTH = 3  # archives inside archives inside archives
 MAX_MEMBERS = 10_000  # files in one archive; with MAX_DEPTH and the byte budget this bounds the work
 STREAMED_MEMBERS = frozenset({"jsonl", "json", "warc"})  # dataset kinds read from a member as a stream
+SPOOLED_MEMBERS = frozenset({"parquet", "arrow", "csv"})  # dataset kinds read from a temporary copy of the member
+SPOOL_CHUNK = 1 << 20  # bytes copied at once from a member to its temporary file
 
 
 class ArchiveLimit(ReadError):
@@ -137,28 +145,85 @@ class _Charged(io.RawIOBase):
 
 
 def _streamed_kind(member: str) -> str | None:
-    """The dataset kind of a member read as a stream, None for members read whole."""
+    """The dataset kind of a member read record by record (streamed or spooled), None for members read whole."""
     from refinery.tasks.ingest.units import dataset_kind  # units imports the format registry
 
     kind = dataset_kind(member)
-    return kind if kind in STREAMED_MEMBERS else None
+    return kind if kind in STREAMED_MEMBERS | SPOOLED_MEMBERS else None
+
+
+def _spool(f: BinaryIO, ctx: Context) -> str:
+    """Copy a member to a temporary file, chunk by chunk, each charged before it is written; its path.
+
+    The file is removed here if the copy fails; otherwise the caller removes it.
+    """
+    fd, path = tempfile.mkstemp(prefix="refinery-member-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := f.read(SPOOL_CHUNK):
+                ctx.charge(len(chunk))  # a bomb stops here, before its bytes reach the disk
+                try:
+                    out.write(chunk)
+                except OSError as exc:
+                    raise ReadError("unreadable", f"member could not be copied to a temporary file in "
+                                                  f"{tempfile.gettempdir()}: {exc.strerror or exc}") from exc
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+def _spooled_items(member: str, kind: str, f: BinaryIO, ctx: Context) -> Iterator[Item | Rows]:
+    """A Parquet, Arrow IPC or CSV member read, as the standalone file would be, from its temporary copy."""
+    import pyarrow as pa
+
+    from refinery.tasks.ingest.formats.parquet import stream_arrow, stream_parquet
+    from refinery.tasks.ingest.formats.tabular import stream_csv
+
+    path = _spool(f, ctx)
+    try:
+        if kind == "parquet":
+            with pa.OSFile(path) as source:
+                yield from stream_parquet(source, ctx)
+        elif kind == "arrow":
+            with pa.OSFile(path) as source:
+                yield from stream_arrow(source, ctx)
+        else:
+            opened: list[BinaryIO] = []
+
+            def opener() -> BinaryIO:
+                raw = open(path, "rb")  # noqa: SIM115 (closed below, after the reader's last pass)
+                opened.append(raw)
+                return open_stream(member, raw, ctx.cfg.max_decompressed_bytes)[1]  # a .csv.gz as on its own
+
+            try:
+                yield from stream_csv(member, opener, ctx)
+            finally:
+                for raw in opened:
+                    raw.close()
+    finally:
+        os.unlink(path)
 
 
 def _streamed_member(member: str, kind: str, f: BinaryIO, ctx: Context) -> Iterator[Item]:
-    """A dataset member streamed through its reader: one record at a time, never the member whole."""
+    """A dataset member read through its reader: one record at a time, never the member whole in memory."""
     from refinery.tasks.ingest.formats.jsonl import stream_json, stream_jsonl
     from refinery.tasks.ingest.formats.warc import read_warc_stream
 
     count = 0
+    items: Iterator[Item | Rows] = iter(())
     try:
-        charged = io.BufferedReader(_Charged(f, ctx), 1 << 20)
-        inner, stream = open_stream(member, charged, ctx.cfg.max_decompressed_bytes)
-        if kind == "jsonl":
-            items: Iterator[Item | Rows] = stream_jsonl(stream, ctx)
-        elif kind == "json":
-            items = stream_json(stream, ctx)
+        if kind in SPOOLED_MEMBERS:
+            items = _spooled_items(member, kind, f, ctx)
         else:
-            items = read_warc_stream(inner, stream, ctx)
+            charged = io.BufferedReader(_Charged(f, ctx), 1 << 20)
+            inner, stream = open_stream(member, charged, ctx.cfg.max_decompressed_bytes)
+            if kind == "jsonl":
+                items = stream_jsonl(stream, ctx)
+            elif kind == "json":
+                items = stream_json(stream, ctx)
+            else:
+                items = read_warc_stream(inner, stream, ctx)
         for item in items:
             for one in item.docs() if isinstance(item, Rows) else (item,):
                 count += 1
@@ -175,6 +240,10 @@ def _streamed_member(member: str, kind: str, f: BinaryIO, ctx: Context) -> Itera
     except Exception as exc:  # noqa: BLE001 (one bad member must not lose its siblings)
         count += 1
         yield _in_member(member, Problem("parse_error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:  # left part-way (the archive's reader stopped): a spooled member's file goes now
+            close()
     if not count:
         yield _in_member(member, Problem("no_records", "member holds no records"))
 

@@ -16,13 +16,18 @@ from typing import Any, BinaryIO
 import pyarrow as pa
 
 from refinery.tasks.ingest.base import Context, Format, Item, Problem, ReadError, Rows, split_name, text_field
+from refinery.tasks.ingest.compression import COMPRESSION
 from refinery.tasks.ingest.formats.parquet import BATCH_ROWS, batch_items, meta_columns
 
 BLOCK_BYTES = 4 * 2**20  # bytes parsed at once
 
 
 def _delimiter(name: str) -> str:
-    return "\t" if split_name(name)[1] in (".tsv", ".tab") else ","
+    """Tab for `.tsv`/`.tab` files, also compressed ones (`x.tsv.gz`); else comma."""
+    base, ext = split_name(name)
+    if ext in COMPRESSION and ext != ".tgz":
+        base, ext = split_name(base[: -len(ext)])
+    return "\t" if ext in (".tsv", ".tab") else ","
 
 
 def stream_csv(name: str, opener: Callable[[], BinaryIO], ctx: Context) -> Iterator[Item | Rows]:
