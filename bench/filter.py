@@ -166,7 +166,7 @@ def refinery_decisions(
     reasons: list[str | None] = []
     for i in range(0, len(docs), 1000):
         batch = docs[i : i + 1000]
-        signals = pa.table(compute_signals(pa.array(batch, pa.large_string()), cfg.families()))
+        signals = pa.table(compute_signals(pa.array(batch, pa.large_string()), cfg.signal_families()))
         reasons += select(signals, ["text"] * len(batch), cfg)[0]
     return reasons, time.perf_counter() - t0
 

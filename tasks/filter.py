@@ -56,11 +56,13 @@ from refinery.tasks.parallel import map_in_order
 from refinery.tasks.pii import KINDS as PII_KINDS
 from refinery.tasks.pii import PIIRules, redact
 from refinery.tasks.quality import FAMILIES, RuleFamily, compute_signals
+from refinery.tasks.quality.language import LanguageRules
 from refinery.tasks.quality.secrets import may_hold_secrets
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
-SIGNALS_VERSION = 4  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default; 4: prose recheck
+SIGNALS_VERSION = 5  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default;
+# 4: prose recheck; 5: the recheck only where it can change a decision (a kept document's lang_score may be lower)
 CHART = "drop_reasons.png"
 
 
@@ -132,9 +134,24 @@ class BaseFilterConfig(BaseModel):
                 self.for_kind(name, kind)  # validates the values
         return self
 
+    def signal_families(self) -> dict[str, RuleFamily]:
+        """`families()` as the signals are computed: the language recheck limited to where it can decide.
+
+        Its prose recheck runs only below the highest language threshold of any kind (profiles included) and for
+        the languages some kind keeps; the rest of the documents are decided the same without it.
+        """
+        out = self.families()
+        lang = out.get("language")
+        if isinstance(lang, LanguageRules):
+            judged = [lang] + [
+                f for kind in self.profiles if isinstance(f := self.for_kind("language", kind), LanguageRules)
+            ]
+            out["language"] = lang.decisive_recheck([f.threshold for f in judged], [f.languages for f in judged])
+        return out
+
     def signal_key(self) -> dict[str, Any]:
         """What the cached signals depend on besides the input: enabled families and their signal settings."""
-        return {name: rules.signal_params() for name, rules in self.families().items()}
+        return {name: rules.signal_params() for name, rules in self.signal_families().items()}
 
 
 Kind = Literal["web", "document", "code"]
@@ -298,7 +315,7 @@ def compute_signal_files(
         if json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
             return True
     key_path.unlink(missing_ok=True)  # the old cache no longer describes the files about to be written
-    families = cfg.families()
+    families = cfg.signal_families()
     inputs = sorted({c for rules in families.values() for c in rules.inputs} - {"id", "text"})
 
     def items() -> Iterator[tuple[Any, ...]]:

@@ -7,9 +7,13 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from refinery.storage.documents import DOCUMENT_SCHEMA
 from refinery.tasks.filter import FilterConfig, compute_signal_files, select
@@ -76,7 +80,11 @@ def test_the_backend_is_part_of_the_signals_key(tmp_path: Path) -> None:
     fast, old = FilterConfig(), FilterConfig(language={"backend": "py3langid"})
     assert fast.language.backend == "fasttext"
     assert fast.signal_key() != old.signal_key()
-    assert FilterConfig(language={"threshold": 0.3}).signal_key() == fast.signal_key()  # a threshold is selection
+    # The prose recheck runs below the highest language threshold of any kind, so that one is in the key ...
+    assert FilterConfig(language={"threshold": 0.3}).signal_key() != fast.signal_key()
+    # ... while a lower threshold of one kind (the document profile's) is selection alone.
+    profiles = {**fast.profiles, "document": {**fast.profiles["document"], "language": {"threshold": 0.5}}}
+    assert FilterConfig(profiles=profiles).signal_key() == fast.signal_key()
     with pytest.raises(ValueError):
         FilterConfig(language={"backend": "cld3"})
 
@@ -134,3 +142,62 @@ def test_prose_recheck_lifts_documentation_with_code_but_not_junk() -> None:
     assert checked["lang"].to_pylist()[0] == "en" and checked["lang_score"][0] >= 0.65
     assert checked["lang_score"][1] == plain["lang_score"][1]  # no prose line: the same text, the same score
     assert checked["lang"].to_pylist()[2] == "de" and checked["lang_score"][2] == plain["lang_score"][2]
+
+
+def test_the_recheck_runs_only_where_it_can_change_a_decision() -> None:
+    """The filter's language signals skip the prose recheck where no kind's decision depends on it.
+
+    Documents of English prose with more and more code lines, and of other languages with code, span the
+    scores from sure to unsure; every kind decides each of them as with the recheck everywhere.
+    """
+    from refinery.tasks.quality.base import Batch
+    from refinery.tasks.quality.language import LanguageRules
+
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
+    by_lang: dict[str, list[str]] = {}
+    for r in rows:
+        by_lang.setdefault(r["lang"], []).append(r["text"])
+    code = [f"    v{i} = table[{i}] if {i} in table else max(table, key=len)  # {i:#x}" for i in range(16)]
+    docs = []
+    for lang in ("en", "de", "fr", "es"):
+        for n_code in range(0, 16, 2):
+            prose = by_lang[lang][n_code % 6 : n_code % 6 + 3]
+            docs.append("\n".join([prose[0], *code[:n_code], *prose[1:]]))
+    texts = pa.array(docs, pa.large_string())
+    cfg = FilterConfig()
+    everywhere = LanguageRules().signals(Batch(texts))
+    decisive_family = cfg.signal_families()["language"]
+    decisive = decisive_family.signals(Batch(texts))
+    assert decisive_family.signal_params()["recheck_below"] == 0.65  # the web threshold, the highest of any kind
+    assert decisive["lang"].to_pylist() == everywhere["lang"].to_pylist()
+    for kind in ("web", "document"):
+        rules = cfg.for_kind("language", kind)
+        foreign = ~pc.is_in(decisive["lang"], value_set=pa.array(rules.languages)).to_numpy(zero_copy_only=False)
+        fails_everywhere = foreign | (everywhere["lang_score"] < rules.threshold)
+        fails_decisive = foreign | (decisive["lang_score"] < rules.threshold)
+        assert fails_everywhere.tolist() == fails_decisive.tolist(), kind
+        assert 0 < fails_everywhere.sum() < len(docs)
+    lifted = everywhere["lang_score"] > decisive["lang_score"]
+    assert lifted.any()  # skipped somewhere: a kept English document keeps its whole-text score
+    english = np.array(decisive["lang"].to_pylist()) == "en"
+    assert (lifted & ~english).any() and (lifted & english).any()  # skipped for other languages and sure English
+    assert (decisive["lang_score"][lifted & english] >= 0.65).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["word", "Wörter.", "x1", "_a", "(b)", "end)", "ça,", "9", "—", "!!", "'q'", " ",
+                                 "\t", "\n", "\u2028", "\x1c", "\u00a0", "\u3000", "日本", "a.b", ""]), max_size=40))
+def test_prose_lines_counts_words_as_split_and_fullmatch_do(parts: list[str]) -> None:
+    """One `findall` per line gives the same prose lines as testing each `str.split()` word on its own."""
+    import re
+
+    from refinery.tasks.quality.language import prose_lines
+
+    word = re.compile(r"[^\W\d_]+[.,;:!?\"')\]]*")
+    text = "".join(parts)
+    kept = []
+    for line in text.splitlines():
+        words = line.split()
+        if words and sum(1 for w in words if word.fullmatch(w)) >= 0.6 * len(words):
+            kept.append(line)
+    assert prose_lines(text) == ("\n".join(kept) if kept else text)

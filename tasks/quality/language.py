@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from refinery.tasks.quality.base import Batch, Check, Rule, RuleFamily
 
@@ -88,7 +88,9 @@ def py3langid_languages(texts: list[str], max_chars: int) -> tuple[pa.Array, np.
 
 
 PROSE_RECHECK_BELOW = 0.9  # documents identified with less confidence are identified again on their prose lines
-_PROSE_WORD = re.compile(r"[^\W\d_]+[.,;:!?\"')\]]*")
+# A prose word: letters, then closing punctuation; found as a whole whitespace-separated word (`str.split()`'s,
+# since Python's `\s` is `str.isspace`), so one `findall` per line counts them.
+_PROSE_WORD = re.compile(r"(?<!\S)[^\W\d_]+[.,;:!?\"')\]]*(?!\S)")
 
 
 def prose_lines(text: str, min_word_frac: float = 0.6) -> str:
@@ -100,7 +102,7 @@ def prose_lines(text: str, min_word_frac: float = 0.6) -> str:
     kept = []
     for line in text.splitlines():
         words = line.split()
-        if words and sum(1 for w in words if _PROSE_WORD.fullmatch(w)) >= min_word_frac * len(words):
+        if words and len(_PROSE_WORD.findall(line)) >= min_word_frac * len(words):
             kept.append(line)
     return "\n".join(kept) if kept else text
 
@@ -129,6 +131,30 @@ class LanguageRules(RuleFamily):
         "only, as FineWeb",
     )
 
+    # Set by the filter config (`decisive_recheck`): below which score, and for which languages, a recheck can
+    # change a decision of any document kind; None rechecks every unsure document.
+    _decisive: tuple[float, frozenset[str] | None] | None = PrivateAttr(default=None)
+
+    def decisive_recheck(self, thresholds: list[float], languages: list[list[str]]) -> LanguageRules:
+        """A copy that rechecks only where the result can change a decision under these thresholds and lists.
+
+        The recheck only ever raises the score of the language already found, so a document at or above
+        every kind's threshold, or in a language no kind keeps, is decided without it. The highest threshold
+        and the union of the lists become part of the signals' cache key (`signal_params`).
+        """
+        out = self.model_copy()
+        kept = None if any(not langs for langs in languages) else frozenset(x for langs in languages for x in langs)
+        out._decisive = (max(thresholds), kept)
+        return out
+
+    def signal_params(self) -> dict[str, Any]:
+        params = super().signal_params()
+        if self.prose_recheck and self._decisive is not None:
+            below, kept = self._decisive
+            params["recheck_below"] = min(below, PROSE_RECHECK_BELOW)
+            params["recheck_languages"] = sorted(kept) if kept is not None else None
+        return params
+
     def signals(self, batch: Batch) -> dict[str, Any]:
         if self.backend == "fasttext":
             langs, scores = fasttext_languages(batch.arr, self.max_chars)
@@ -142,9 +168,14 @@ class LanguageRules(RuleFamily):
         """Scores of unsure documents from their prose lines, where those name the same language more surely.
 
         A document whose prose view is its text (one line, or every line prose and nothing dropped) would be
-        classified exactly as before, so only the others are classified again.
+        classified exactly as before, so only the others are classified again; with `decisive_recheck`, only
+        those whose decision the recheck can change.
         """
-        unsure = np.flatnonzero(scores < PROSE_RECHECK_BELOW)
+        below, kept = self._decisive or (PROSE_RECHECK_BELOW, None)
+        doubt = scores < min(below, PROSE_RECHECK_BELOW)
+        if kept is not None:
+            doubt &= pc.is_in(langs, value_set=pa.array(sorted(kept), pa.string())).to_numpy(zero_copy_only=False)
+        unsure = np.flatnonzero(doubt)
         if not len(unsure):
             return langs, scores
         # What `str.splitlines` breaks at: a text without any of these is one line, its own prose view.
