@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up + cosine, accumulation, mixed precision, checkpoints, DDP.
+"""The training loop: AdamW, warm-up/stable/decay schedule, accumulation, mixed precision, checkpoints, DDP.
 
 One optimizer step consumes `tokens_per_step` tokens. They are drawn in one call,
 `train_data.next_batch(micro_batch_size * accum)`, and split into `accum`
@@ -99,6 +99,7 @@ def peak_flops(device: torch.device) -> float:
 # Keys added after the first release, left out of a config's serialization while at these defaults.
 LATER_DEFAULTS: dict[str, Any] = {
     "init_from": "scratch", "early_stop_patience": "auto", "early_stop_min_delta": 0.0, "mixture": {}, "nproc": 1,
+    "schedule": "cosine", "decay_frac": 0.2,  # checkpoints saved before `schedule` existed were cosine
 }
 
 
@@ -123,14 +124,20 @@ class TrainConfig(BaseModel):
     max_steps: int = Field(
         default=2000, ge=1,
         description="at most this many optimizer steps; with max_time_s the budget plans how many fit, and the "
-        "cosine schedule ends there",
+        "learning-rate schedule ends there",
     )
     max_time_s: float | None = Field(
         default=160.0, gt=0,
         description="time budget: after a few steps the run plans how many steps fit and the schedule decays by then",
     )
     lr: float = Field(default=2e-3, gt=0)
-    min_lr: float = Field(default=2e-4, ge=0)
+    min_lr: float = Field(default=2e-4, ge=0, description="the learning rate the schedule ends at")
+    schedule: Literal["wsd", "cosine"] = Field(
+        default="wsd",
+        description="wsd: warm-up, then lr held, then a linear decay to min_lr over the last decay_frac of the "
+        "steps; cosine: warm-up, then a cosine decay to min_lr over the rest (docs/model.md says why wsd)",
+    )
+    decay_frac: float = Field(default=0.2, gt=0, le=1, description="wsd: the fraction of the steps spent decaying")
     warmup_steps: int = Field(default=20, ge=0)
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -252,15 +259,21 @@ class TrainResult(BaseModel):
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps` (default `max_steps`).
+    """The learning rate at `step` of a schedule `total_steps` long (default `max_steps`).
 
-    A schedule planned shorter than `max_steps` (the time budget allows fewer steps) keeps its
-    warm-up to at most a fifth of it.
+    Linear warm-up to `lr`, then, by `schedule`: `wsd` (warm-up, stable, decay) holds `lr` and decays
+    linearly to `min_lr` over the last `decay_frac` of the steps, reaching it at the last step; `cosine`
+    decays from the warm-up's end. A schedule planned shorter than `max_steps` (the time budget allows
+    fewer steps) keeps its warm-up to at most a fifth of it. A config without `schedule` (LoRA's) is cosine.
     """
     total = total_steps or cfg.max_steps
     warmup = cfg.warmup_steps if total >= cfg.max_steps else min(cfg.warmup_steps, max(1, total // 5))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
+    if getattr(cfg, "schedule", "cosine") == "wsd":
+        decay_steps = max(1, round(cfg.decay_frac * total))
+        into = step - (total - decay_steps) + 1  # 1 at the decay's first step, decay_steps at the last
+        return cfg.lr if into <= 0 else cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, into / decay_steps)
     progress = (step - warmup) / max(1, total - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -333,9 +346,9 @@ def replan_step(cfg: TrainConfig, planned: int, done: int = 0) -> int:
     """The step at which a run re-measures its speed and plans again, after `done` re-plans.
 
     First at the end of the warm-up of a schedule `planned` long (at least twice the first
-    calibration's steps): the cosine has not started, so a new length changes no learning rate
+    calibration's steps): the decay has not started, so a new length changes no learning rate
     already used. Then at about a quarter of the schedule, from the steady steps since: there the
-    cosine is still near its top, so a new length moves the learning rate by a hair.
+    `wsd` schedule is still flat (a new length changes nothing used) and the cosine near its top.
     """
     warmup = cfg.warmup_steps if planned >= cfg.max_steps else min(cfg.warmup_steps, max(1, planned // 5))
     first = max(2 * CALIBRATION_STEPS, warmup)
@@ -375,7 +388,8 @@ def _compatible(saved: dict[str, Any], model_cfg: GPTConfig, cfg: TrainConfig) -
     if saved.get("model") != model_cfg.model_dump():
         return "the model shape differs"
     train_cfg = saved.get("train_config", {})
-    for key in ("tokens_per_step", "seed", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "mixture"):
+    for key in ("tokens_per_step", "seed", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "mixture",
+                "schedule", "decay_frac"):
         saved_value = train_cfg.get(key, LATER_DEFAULTS.get(key))
         if saved_value != getattr(cfg, key):
             return f"{key} differs ({saved_value} saved, {getattr(cfg, key)} now)"
@@ -423,7 +437,7 @@ def train(
     `init_weights`, a checkpoint folder of the same model shape, warm-starts a run
     that has no checkpoint of its own to resume (continued training): its weights
     replace the random initialisation, while the optimizer, the LR schedule
-    (warm-up, then cosine over `max_steps`) and the data order start afresh.
+    (warm-up, then the decay by `max_steps`) and the data order start afresh.
     `meta` is added to every checkpoint's config.json (e.g. the tokenizer's digest).
     """
     out_dir = Path(out_dir)

@@ -14,7 +14,7 @@ folder is touched, so a refused continuation leaves the previous model in place.
 The starting weights are copied to `init/` (with `init/init_from.json`, what they
 are) before the folder is reset for the new run, so a run killed before its first
 checkpoint resumes from them too. The optimizer and the LR schedule (warm-up, then
-cosine over `max_steps`) start afresh for the new steps.
+the decay by `max_steps`) start afresh for the new steps.
 
 Data mixture (`train.mixture`): the training windows are drawn by weights per
 document format or source-file pattern (`refinery.storage.mixture`), from the

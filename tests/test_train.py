@@ -90,11 +90,23 @@ def test_auto_precision_picks_bf16_on_a_cpu_only_with_amx():
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_wsd_holds_the_rate_then_decays_linearly_to_min_lr_at_the_last_step():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100, decay_frac=0.2)
+    assert cfg.schedule == "wsd"  # the default
+    rates = [lr_at(step, cfg) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[10:80] == [1.0] * 70  # stable: a re-planned length changes no rate already used
+    decay = rates[80:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))
+    assert decay[-1] == pytest.approx(0.1) and decay[0] == pytest.approx(1.0 - 0.9 / 20)
+    assert lr_at(49, cfg, total_steps=50) == pytest.approx(0.1)  # a planned schedule ends where it is planned
 
 
 def test_training_writes_outputs_and_beats_the_unigram_baseline(shards, tmp_path):
