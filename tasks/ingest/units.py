@@ -40,6 +40,12 @@ _NOT_CAUGHT = (KeyboardInterrupt, SystemExit, GeneratorExit, FileTimeout)  # nev
 _SPLIT_WARC = (".warc", ".warc.gz")  # record offsets are seekable: plain, or one gzip member per record
 _PROBE_FAILURES = 8  # candidate cuts that are not record starts before a .warc.gz counts as one gzip stream
 PARQUET_RATIO = 4  # Parquet units are cut by uncompressed size; a file this much smaller than a unit may hold several
+WARC_GZ_RATIO = 4  # gzip shrinks HTML about this much: a .warc.gz unit of batch_bytes / 4 holds about batch_bytes
+
+
+def warc_unit_bytes(rel: str, cfg: IngestConfig) -> int:
+    """Raw bytes per WARC work unit: `batch_bytes`, a quarter of it for a .warc.gz (about as much HTML)."""
+    return cfg.batch_bytes // WARC_GZ_RATIO if rel.lower().endswith(".gz") else cfg.batch_bytes
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def file_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
         yield from _parquet_units(sf, cfg)
     elif sf.size > cfg.batch_bytes and kind == "jsonl" and not _compressed(sf.rel):
         yield from _jsonl_units(sf, cfg)
-    elif sf.size > cfg.batch_bytes and kind == "warc" and sf.rel.lower().endswith(_SPLIT_WARC):
+    elif kind == "warc" and sf.size > warc_unit_bytes(sf.rel, cfg) and sf.rel.lower().endswith(_SPLIT_WARC):
         yield from _warc_units(sf, cfg)
     else:
         yield Unit(sf, kind, hash_file=True)
@@ -199,7 +205,8 @@ def _warc_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
 
     gzipped = sf.rel.lower().endswith(".gz")
     start = first = part = count = failures = 0
-    target = cfg.batch_bytes
+    step = warc_unit_bytes(sf.rel, cfg)
+    target = step
     try:
         with open_source(sf) as f, open_source(sf) as probe:
             hashed = _Hashing(f)
@@ -210,7 +217,7 @@ def _warc_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
                 if at >= target and failures < _PROBE_FAILURES:
                     if opens_record(probe, at, gzipped):
                         yield Unit(sf, "warc", start, at, first, part, False, nbytes=at - start)
-                        start, first, part, target = at, count, part + 1, at + cfg.batch_bytes
+                        start, first, part, target = at, count, part + 1, at + step
                     else:
                         failures += 1
                         if failures == _PROBE_FAILURES and part == 0:
