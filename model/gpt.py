@@ -71,8 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A few thousand parameters plus the embedding: for unit tests on CPU.
     "test": dict(seq_len=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64),
     # The CPU sizes `train.preset: auto` chooses among (refinery.model.sizing). ~0.85M parameters in the
-    # blocks plus 1.0M in an 8k embedding.
-    "cpu-tiny": dict(seq_len=256, n_layer=4, n_head=4, d_model=128),
+    # blocks plus 1.0M in an 8k embedding and 1.0M in its own output head: at this width one matrix
+    # can't serve both well, and untied it reached a lower validation loss at the same steps on the
+    # sample (docs/model.md), for the same matmul FLOPs.
+    "cpu-tiny": dict(seq_len=256, n_layer=4, n_head=4, d_model=128, tie_embeddings=False),
     # ~1.8M in the blocks plus 1.6M in an 8k embedding; fp32 on 2 CPU cores about 2,900 tokens/s.
     "cpu-small": dict(seq_len=256, n_layer=4, n_head=6, d_model=192),
     # ~6.4M in the blocks plus 2.1M in an 8k embedding: for more cores, more time or more data.
@@ -433,8 +435,9 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N for the matmuls plus 12 * L * d * T for attention (PaLM, App. B).
 
-        With tied embeddings N includes the output projection once, which is the
-        matmul that actually runs; the input lookup costs no FLOPs.
+        N counts the output projection, the matmul that actually runs, once; the input
+        lookup costs no FLOPs, so an untied input table is left out.
         """
         T = seq_len or self.cfg.seq_len
-        return 6.0 * self.num_params() + 12.0 * self.cfg.n_layer * self.cfg.d_model * T
+        lookup = 0 if self.cfg.tie_embeddings else self.embed.weight.numel()  # an untied input table: no matmul
+        return 6.0 * (self.num_params() - lookup) + 12.0 * self.cfg.n_layer * self.cfg.d_model * T
