@@ -339,7 +339,7 @@ BEST_DIR = "best"  # beside `checkpoint/`: the weights of the best validation lo
 CALIBRATION_STEPS = 5  # steps timed before the time budget is turned into a planned number of steps
 
 
-REPLANS = 2  # plans after the first: at the end of the warm-up, then at about a quarter of the schedule
+REPLANS = {"wsd": 3, "cosine": 2}  # plans after the first, by schedule (see `replan_step`)
 
 
 def replan_step(cfg: TrainConfig, planned: int, done: int = 0) -> int:
@@ -349,10 +349,16 @@ def replan_step(cfg: TrainConfig, planned: int, done: int = 0) -> int:
     calibration's steps): the decay has not started, so a new length changes no learning rate
     already used. Then at about a quarter of the schedule, from the steady steps since: there the
     `wsd` schedule is still flat (a new length changes nothing used) and the cosine near its top.
+    A `wsd` run plans once more, a step before its decay starts, from the steps since: the rate is
+    still flat, and the 5% margin is then taken of the last fifth of the budget only, so the run
+    ends closer to its deadline.
     """
     warmup = cfg.warmup_steps if planned >= cfg.max_steps else min(cfg.warmup_steps, max(1, planned // 5))
     first = max(2 * CALIBRATION_STEPS, warmup)
-    return first if done == 0 else max(first + 20, planned // 4)
+    second = max(first + 20, planned // 4)
+    if done <= 1:
+        return first if done == 0 else second
+    return max(second + 20, planned - max(1, round(cfg.decay_frac * planned)) - 1)
 
 
 def plan_steps(
@@ -699,7 +705,7 @@ def _train(
                     planned = plan_steps(cfg, step, now - t_start, step - calibrated_at[0], seq_len,
                                          timed_s=now - calibrated_at[1])  # fmt: skip
                     replans += 1
-                calibrated_at = (step, now) if replans < REPLANS else None
+                calibrated_at = (step, now) if replans < REPLANS[cfg.schedule] else None
                 if world_size > 1:  # rank 0's measurement decides for all
                     shared = torch.tensor([planned], device=device)
                     dist.broadcast(shared, src=0)
@@ -708,7 +714,7 @@ def _train(
                     tqdm.write(
                         f"train: the time budget (max_time_s={cfg.max_time_s:g}) fits {planned} of max_steps="
                         f"{cfg.max_steps} steps at the speed measured "
-                        f"{('so far', 'after the warm-up', 'since')[replans] if replan else 'so far'}; "
+                        f"{('so far', 'after the warm-up', 'since', 'since')[replans] if replan else 'so far'}; "
                         f"the learning-rate schedule ends at step {planned}"
                     )
                 total = planned
