@@ -272,6 +272,9 @@ def test_the_budget_is_planned_again_from_the_steady_steps_at_the_end_of_the_war
     cfg = TrainConfig(max_steps=1000, max_time_s=100.0, warmup_steps=30, tokens_per_step=1024, micro_batch_size=4)
     assert replan_step(cfg, 400) == 30 and replan_step(cfg, 60) == 12  # the planned schedule's warm-up, at least 10
     assert replan_step(cfg, 400, done=1) == 100 and replan_step(cfg, 60, done=1) == 32  # a quarter, 20 past the first
+    # wsd plans a third time a step before its decay (the last fifth) starts, at least 20 past the second.
+    assert cfg.schedule == "wsd" and replan_step(cfg, 400, done=2) == 319 and replan_step(cfg, 60, done=2) == 52
+    assert lr_at(318, cfg, 400) == lr_at(319, cfg, 400) == cfg.lr  # still flat where it re-plans
     # The first 5 steps took 2 s (warm-up allocations); the 25 after them 2.5 s: 0.1 s a step, not 0.4.
     first = plan_steps(cfg, step=5, elapsed_s=2.0, steps_timed=5, seq_len=64)
     again = plan_steps(cfg, step=30, elapsed_s=4.5, steps_timed=25, seq_len=64, timed_s=2.5)
