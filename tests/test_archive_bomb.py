@@ -7,13 +7,11 @@ now the limit names itself and the member where it tripped, and the archive is a
 from __future__ import annotations
 
 import gzip
-import io
-import tarfile
-import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from archive_builders import tar_bytes, zip_bytes
 
 from refinery.storage.documents import document_files, read_table
 from refinery.tasks.ingest import INDEX_FILE, QUARANTINE_FILE, IngestConfig, run_ingest
@@ -22,24 +20,6 @@ from refinery.tasks.ingest.sources import local_uri
 
 LIMIT = 2**20  # max_decompressed_bytes of these tests: 1 MiB
 MEMBER = b"the same words again and again " * 1100  # ~33 KiB of text, compresses ~100:1
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def nested_zip_bomb(n: int = 16) -> bytes:

@@ -17,13 +17,13 @@ import tarfile
 import tempfile
 import textwrap
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from archive_builders import tar_bytes, zip_bytes
 
 from refinery.storage.documents import document_files, read_table
 from refinery.tasks.ingest import QUARANTINE_FILE, IngestConfig, run_ingest
@@ -91,26 +91,8 @@ def dataset_members() -> dict[str, bytes]:
     }
 
 
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
-def tar_gz_of(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def pack(name: str, members: dict[str, bytes]) -> bytes:
-    return zip_of(members) if name.endswith(".zip") else tar_gz_of(members)
+    return zip_bytes(members) if name.endswith(".zip") else tar_bytes(members, "gz")
 
 
 def write(folder: Path, files: dict[str, bytes]) -> None:
@@ -280,7 +262,7 @@ def test_the_spool_file_lives_only_while_its_member_is_read(archive: str, spool_
 
 
 def test_an_unreadable_member_leaves_no_spool_file(spool_dir: Path) -> None:
-    data = zip_of({"bad.parquet": b"PAR1 this is not a Parquet file PAR1", "ok.arrow": b"nor an Arrow one"})
+    data = zip_bytes({"bad.parquet": b"PAR1 this is not a Parquet file PAR1", "ok.arrow": b"nor an Arrow one"})
     items = list(stream_archive("x.zip", io.BytesIO(data), Context(IngestConfig(), time.monotonic() + 60)))
     assert [(type(i), i.reason) for i in items] == [(Problem, "corrupt"), (Problem, "corrupt")]
     assert items[0].error.startswith("member 'bad.parquet': unreadable Parquet")

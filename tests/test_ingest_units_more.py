@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from archive_builders import tar_bytes, zip_bytes
 
 from refinery.storage.documents import document_files, read_table
 from refinery.tasks.ingest import INDEX_FILE, QUARANTINE_FILE, IngestConfig, run_ingest
@@ -277,28 +278,6 @@ def test_small_and_single_stream_warc_files_stay_one_unit(tmp_path: Path) -> Non
 # -- archives streamed member by member ---------------------------------------------------------------
 
 
-def tar_gz(members: dict[str, bytes]) -> bytes:
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
 def archive_members() -> dict[str, bytes]:
     lines = [json.dumps({"text": f"line record {i}", "n": i}) for i in range(3000)]
     lines[10] = "{broken"
@@ -317,7 +296,7 @@ def test_streamed_archive_gives_what_the_in_memory_read_gives(tmp_path: Path, na
     from refinery.tasks.ingest.formats import read_blob
     from refinery.tasks.ingest.formats.archives import stream_archive
 
-    data = (tar_gz if name.endswith(".tar.gz") else zip_of)(archive_members())
+    data = tar_bytes(archive_members(), "gz") if name.endswith(".tar.gz") else zip_bytes(archive_members())
     ctx = Context(CFG, time.monotonic() + 60)
     in_memory = list(read_blob(name, data, ctx))
     streamed = list(stream_archive(name, io.BytesIO(data), Context(CFG, time.monotonic() + 60)))
@@ -340,7 +319,7 @@ def test_streamed_dataset_member_is_not_held_to_the_file_size_cap(tmp_path: Path
     raw = tmp_path / "raw"
     raw.mkdir()
     lines = "\n".join(json.dumps({"text": f"record {i} " + "words " * 20}) for i in range(2000)).encode()
-    (raw / "big.tar.gz").write_bytes(tar_gz({"big.jsonl": lines, "big.txt": b"text " * 5000}))
+    (raw / "big.tar.gz").write_bytes(tar_bytes({"big.jsonl": lines, "big.txt": b"text " * 5000}, "gz"))
     docs, rows = ingest(raw, tmp_path / "out", IngestConfig(workers=1, max_file_bytes=20_000))
     uri = local_uri(str(raw / "big.tar.gz"))
     assert len(docs) == 2000 and all(json.loads(d["meta"])["member"] == "big.jsonl" for d in docs.values())
