@@ -279,11 +279,12 @@ def test_the_budget_is_planned_again_from_the_steady_steps_at_the_end_of_the_war
     first = plan_steps(cfg, step=5, elapsed_s=2.0, steps_timed=5, seq_len=64)
     again = plan_steps(cfg, step=30, elapsed_s=4.5, steps_timed=25, seq_len=64, timed_s=2.5)
     assert first < 250 and again > 2.5 * first
-    # A budgeted run re-plans once, at the end of its warm-up, and completes the schedule it planned.
+    # A budgeted run re-plans at the end of its warm-up, at a quarter and (wsd) before the decay, and completes
+    # the schedule it planned.
     result = run(config(max_steps=400, max_time_s=60.0, warmup_steps=12, eval_every=100), shards, tmp_path / "out")
     err = capsys.readouterr()
     said = err.out + err.err
-    assert said.count("at the speed measured after the warm-up") == 1 and said.count("at the speed measured since") == 1
+    assert said.count("at the speed measured after the warm-up") == 1 and said.count("at the speed measured since") == 2
     assert result.steps == result.planned_steps
 
 
