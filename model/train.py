@@ -714,7 +714,7 @@ def _train(
                     tqdm.write(
                         f"train: the time budget (max_time_s={cfg.max_time_s:g}) fits {planned} of max_steps="
                         f"{cfg.max_steps} steps at the speed measured "
-                        f"{('so far', 'after the warm-up', 'since', 'since')[replans] if replan else 'so far'}; "
+                        f"{('after the warm-up' if replans == 1 else 'since') if replan else 'so far'}; "
                         f"the learning-rate schedule ends at step {planned}"
                     )
                 total = planned
