@@ -17,7 +17,7 @@ from refinery.tasks.ingest import INDEX_FILE, QUARANTINE_FILE, IngestConfig, run
 from refinery.tasks.ingest.base import Context, Problem, ReadError, Rows
 from refinery.tasks.ingest.formats import jsonl
 from refinery.tasks.ingest.sources import list_sources, local_uri
-from refinery.tasks.ingest.units import WARC_GZ_RATIO, estimated_units, file_units, warc_unit_bytes
+from refinery.tasks.ingest.units import WARC_GZ_RATIO, file_units, warc_unit_bytes
 
 CFG = IngestConfig(workers=1)
 
@@ -273,30 +273,6 @@ def test_small_and_single_stream_warc_files_stay_one_unit(tmp_path: Path) -> Non
     by_file = {name: sorted(s.rsplit("#", 1)[1] for s in docs if s.startswith(local_uri(str(raw / name)) + "#"))
                for name in ("one-stream.warc.gz", "per-record.warc.gz")}
     assert by_file["one-stream.warc.gz"] == by_file["per-record.warc.gz"] and len(by_file["per-record.warc.gz"]) > 30
-
-
-def test_the_estimate_splits_exactly_the_files_that_are_split(tmp_path: Path) -> None:
-    """The planner's estimate and `file_units` share one rule: a compressed JSON Lines file is never split."""
-    import random
-
-    import zstandard
-
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    rng = random.Random(0)
-    lines = b"".join(json.dumps({"text": " ".join(f"{rng.getrandbits(64):x}" for _ in range(20))}).encode() + b"\n"
-                     for _ in range(400))  # fmt: skip
-    (raw / "plain.jsonl").write_bytes(lines)
-    (raw / "packed.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=1).compress(lines))
-    (raw / "note.txt").write_bytes(b"word " * 20000)
-    cfg = IngestConfig(workers=1, batch_bytes=len(lines) // 4)
-    files = {sf.rel: sf for sf in list_sources([str(raw)], cfg)}
-    assert files["packed.jsonl.zst"].size > cfg.batch_bytes and files["note.txt"].size > cfg.batch_bytes
-    made = {rel: len(list(file_units(sf, cfg))) for rel, sf in files.items()}
-    estimated = {rel: estimated_units(sf, cfg) for rel, sf in files.items()}
-    assert made["packed.jsonl.zst"] == 1 and estimated["packed.jsonl.zst"] == 0
-    assert made["note.txt"] == 1 and estimated["note.txt"] == 0
-    assert made["plain.jsonl"] >= 3 and abs(estimated["plain.jsonl"] - made["plain.jsonl"]) <= 1
 
 
 # -- archives streamed member by member ---------------------------------------------------------------

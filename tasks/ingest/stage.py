@@ -52,12 +52,13 @@ from refinery.tasks.ingest.config import IngestConfig
 from refinery.tasks.ingest.formats import detect, read_blob
 from refinery.tasks.ingest.sources import SourceFile, list_sources, open_source
 from refinery.tasks.ingest.units import (
+    PARQUET_RATIO,
     Unit,
     dataset_kind,
-    estimated_units,
     file_sha256,
     file_units,
     unit_items,
+    warc_unit_bytes,
 )
 from refinery.tasks.ingest.watchdog import parse_guarded
 from refinery.tasks.parallel import map_in_order
@@ -374,9 +375,16 @@ def _estimate_batches(files: list[SourceFile], cfg: IngestConfig) -> int:
     """About how many batches `make_batches` yields, without reading anything."""
     n, count, size = 0, 0, 0
     for sf in files:
-        units = estimated_units(sf, cfg)  # a big dataset file: its own work units
-        if units:
-            n += units
+        kind = dataset_kind(sf.rel)
+        if kind == "parquet" and sf.size > cfg.batch_bytes // PARQUET_RATIO:
+            n += -(-sf.size * PARQUET_RATIO // cfg.batch_bytes)
+            continue
+        if kind == "jsonl" and sf.size > cfg.batch_bytes:
+            n += -(-sf.size // cfg.batch_bytes)
+            continue
+        unit = warc_unit_bytes(sf.rel, cfg)
+        if kind == "warc" and sf.size > unit and sf.rel.lower().endswith((".warc", ".warc.gz")):
+            n += -(-sf.size // unit)  # split at record starts (`units.file_units`)
             continue
         if count and (count >= cfg.batch_files or size + max(sf.size, 0) > cfg.batch_bytes):
             n, count, size = n + 1, 0, 0

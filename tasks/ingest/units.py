@@ -97,36 +97,20 @@ def _compressed(rel: str) -> bool:
 # -- planning (in the driver: reads Parquet footers, scans big JSON Lines files) --------------
 
 
-def estimated_units(sf: SourceFile, cfg: IngestConfig) -> int:
-    """How many work units `file_units` cuts `sf` into, from its size alone; 0 when it is not split.
-
-    The one statement of which files are split: a big Parquet file (by row groups), a big uncompressed
-    JSON Lines file (by byte ranges), a big WARC file (by record starts; `warc_unit_bytes`).
-    """
-    kind = None if sf.error else dataset_kind(sf.rel)
-    if kind == "parquet" and sf.size > cfg.batch_bytes // PARQUET_RATIO:
-        return -(-sf.size * PARQUET_RATIO // cfg.batch_bytes)
-    if kind == "jsonl" and not _compressed(sf.rel) and sf.size > cfg.batch_bytes:
-        return -(-sf.size // cfg.batch_bytes)
-    unit = warc_unit_bytes(sf.rel, cfg)
-    if kind == "warc" and sf.rel.lower().endswith(_SPLIT_WARC) and sf.size > unit:
-        return -(-sf.size // unit)
-    return 0
-
-
 def file_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
     """The units of one file: several for a big Parquet, uncompressed JSON Lines or WARC file, else one."""
     kind = None if sf.error else dataset_kind(sf.rel)
     if kind is None:
         yield Unit(sf)
-    elif not estimated_units(sf, cfg):
-        yield Unit(sf, kind, hash_file=True)
-    elif kind == "parquet":
+        return
+    if sf.size > cfg.batch_bytes // PARQUET_RATIO and kind == "parquet":
         yield from _parquet_units(sf, cfg)
-    elif kind == "jsonl":
+    elif sf.size > cfg.batch_bytes and kind == "jsonl" and not _compressed(sf.rel):
         yield from _jsonl_units(sf, cfg)
-    else:
+    elif kind == "warc" and sf.size > warc_unit_bytes(sf.rel, cfg) and sf.rel.lower().endswith(_SPLIT_WARC):
         yield from _warc_units(sf, cfg)
+    else:
+        yield Unit(sf, kind, hash_file=True)
 
 
 def _parquet_units(sf: SourceFile, cfg: IngestConfig) -> Iterator[Unit]:
