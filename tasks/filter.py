@@ -26,10 +26,11 @@ dropped ones go to `dropped.parquet`. `drop_reasons.png` charts the drops by rea
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,6 +65,7 @@ SIGNALS_KEY = "signals.key.json"
 SIGNALS_VERSION = 5  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default;
 # 4: prose recheck; 5: the recheck only where it can change a decision (a kept document's lang_score may be lower)
 CHART = "drop_reasons.png"
+MAX_SIGNAL_THREADS = 4  # in-process signal threads: beyond a few, the GIL-bound parts only wait for each other
 
 
 class BaseFilterConfig(BaseModel):
@@ -300,6 +302,15 @@ def _signals_batch(
     return file_index, pa.table(columns)
 
 
+def signal_threads() -> int:
+    """Threads computing signals in process: the CPUs this process may run on, at most `MAX_SIGNAL_THREADS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_SIGNAL_THREADS))
+
+
 def compute_signal_files(
     input_files: list[Path], stage_dir: Path, cfg: BaseFilterConfig, progress: bool, executor: Executor | None
 ) -> bool:
@@ -325,11 +336,18 @@ def compute_signal_files(
 
     writers: dict[int, ParquetWriter] = {}
     bar = tqdm(total=count_rows(input_files), desc="filter: signals", unit="doc", disable=not progress)
-    for i, table in map_in_order(_signals_batch, items(), executor):
-        if i not in writers:
-            writers[i] = ParquetWriter(files[i])
-        writers[i].write(table)
-        bar.update(table.num_rows)
+    # In process, batches go to threads: the language pass, Arrow's kernels and the compiled loops of the families
+    # run without the GIL, so a second core does real work; results come back in order, so files are identical.
+    threads = ThreadPoolExecutor(signal_threads()) if executor is None and signal_threads() > 1 else None
+    try:
+        for i, table in map_in_order(_signals_batch, items(), executor or threads):
+            if i not in writers:
+                writers[i] = ParquetWriter(files[i])
+            writers[i].write(table)
+            bar.update(table.num_rows)
+    finally:
+        if threads is not None:
+            threads.shutdown(cancel_futures=True)
     bar.close()
     for i, f in enumerate(files):
         if i in writers:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 PER_WORKER = 2  # pending items per worker by default: one running, one queued behind it
@@ -88,6 +88,10 @@ def unpack(value: Any) -> Any:
     return value
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 class _InWorker:
     """`fn` as run in a worker: unpack the arguments, call it, pack its result for the way back.
 
@@ -136,14 +140,17 @@ def map_in_order(
         return
     limit = max(1, in_flight if in_flight is not None else PER_WORKER * executor_workers(executor))
     pending: deque[Future[Any]] = deque()
-    task = _InWorker(fn)
+    if isinstance(executor, ThreadPoolExecutor):  # threads share this process's memory: nothing to copy
+        task, wrap, result = fn, tuple, _same
+    else:
+        task, wrap, result = _InWorker(fn), pack, unpack
     try:
         for item in items:
-            pending.append(executor.submit(task, *pack(tuple(item))))
+            pending.append(executor.submit(task, *wrap(tuple(item))))
             if len(pending) >= limit:
-                yield unpack(pending.popleft().result())
+                yield result(pending.popleft().result())
         while pending:
-            yield unpack(pending.popleft().result())
+            yield result(pending.popleft().result())
     finally:
         for fut in pending:
             fut.cancel()

@@ -135,13 +135,18 @@ def test_chart_and_outputs(corpus, tmp_path):
     assert res.metrics["docs_per_s"] > 0
 
 
-def test_executor_gives_identical_outputs(corpus, tmp_path):
+def test_executor_and_in_process_threads_give_identical_outputs(corpus, tmp_path, monkeypatch):
+    from refinery.tasks import filter as filter_stage
+
+    monkeypatch.setattr(filter_stage, "signal_threads", lambda: 1)
     serial = run_filter(corpus, tmp_path / "a", FilterConfig(batch_size=2), progress=False)
+    monkeypatch.setattr(filter_stage, "signal_threads", lambda: 3)
+    threaded = run_filter(corpus, tmp_path / "c", FilterConfig(batch_size=2), progress=False)
     with ThreadPoolExecutor(2) as pool:
         parallel = run_filter(corpus, tmp_path / "b", FilterConfig(batch_size=2), progress=False, executor=pool)
-    assert serial.counts == parallel.counts
+    assert serial.counts == parallel.counts == threaded.counts
     sums = lambda r: {o.path: o.sha256 for o in r.outputs if o.path != "drop_reasons.png"}  # noqa: E731
-    assert sums(serial) == sums(parallel)
+    assert sums(serial) == sums(parallel) == sums(threaded)
 
 
 def test_disabled_family_and_config_errors(corpus, tmp_path):
