@@ -33,6 +33,16 @@ SUPERVISED = 3  # model_name::sup
 MIN_THREAD_DOCS = 512  # below this many texts a batch is classified on the calling thread alone
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+MAX_THREADS = max(1, min(4, _cpus()))  # threads one call splits a batch across
+
+
 @dataclass(frozen=True)
 class Lid176:
     """The arrays of a supervised, quantised fastText model with a hierarchical softmax, as the kernel reads them."""
@@ -371,7 +381,7 @@ def classify(model: Lid176, texts: pa.Array, threads: int | None = None) -> tupl
     args = (model.rows, model.bucket_rows, model.word_hash, model.word_bytes, model.word_offsets, model.slots,
             model.out, model.left, model.right, model.nwords, model.eos, model.minn, model.maxn,
             _LABEL_PREFIX, _EOS_BYTES, leaf, prob, spaced)
-    threads = threads or min(len(os.sched_getaffinity(0)), max(1, n // MIN_THREAD_DOCS))
+    threads = threads or min(MAX_THREADS, max(1, n // MIN_THREAD_DOCS))
     if threads <= 1:
         _classify(data, offsets, 0, n, *args)
         return leaf, prob, spaced
