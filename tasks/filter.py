@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -311,44 +311,74 @@ def signal_threads() -> int:
     return max(1, min(cpus, MAX_SIGNAL_THREADS))
 
 
-def compute_signal_files(
-    input_files: list[Path], stage_dir: Path, cfg: BaseFilterConfig, progress: bool, executor: Executor | None
-) -> bool:
-    """Write `signals-NNNNN.parquet` per input file unless the cached ones match; True if they were reused."""
-    key = {
+def _signals_key(input_files: list[Path], cfg: BaseFilterConfig) -> dict[str, Any]:
+    return {
         "version": SIGNALS_VERSION,
         "inputs": [[p.name, file_sha256(p)] for p in input_files],
         "signals": cfg.signal_key(),
     }
+
+
+def signal_batches(
+    input_files: list[Path], stage_dir: Path, cfg: BaseFilterConfig, executor: Executor | None
+) -> tuple[bool, Iterator[tuple[int, pa.Table, pa.Table]]]:
+    """Whether the cached signals match, and each input batch (all its columns) with its signals, in order.
+
+    Matching signals are read from `signals-NNNNN.parquet`. Otherwise they are computed (through `executor`,
+    else threads of this process) and written there as they arrive, the key last, once every file is whole;
+    the caller decides on each batch while the next ones are computed.
+    """
+    key = _signals_key(input_files, cfg)
     key_path = stage_dir / SIGNALS_KEY
     files = [_signals_path(stage_dir, i) for i in range(len(input_files))]
     if key_path.is_file() and all(f.is_file() for f in files):
         if json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
-            return True
+            return True, _cached_batches(input_files, files, cfg.batch_size)
     key_path.unlink(missing_ok=True)  # the old cache no longer describes the files about to be written
+    return False, _computed_batches(input_files, stage_dir, cfg, executor, key)
+
+
+def _cached_batches(
+    input_files: list[Path], files: list[Path], batch_size: int
+) -> Iterator[tuple[int, pa.Table, pa.Table]]:
+    for i, path in enumerate(input_files):
+        signals = pq.read_table(files[i])
+        offset = 0
+        for batch in iter_batches([path], batch_size=batch_size):
+            table = pa.Table.from_batches([batch])
+            yield i, table, signals.slice(offset, table.num_rows)
+            offset += table.num_rows
+
+
+def _computed_batches(
+    input_files: list[Path], stage_dir: Path, cfg: BaseFilterConfig, executor: Executor | None, key: dict[str, Any]
+) -> Iterator[tuple[int, pa.Table, pa.Table]]:
     families = cfg.signal_families()
     inputs = sorted({c for rules in families.values() for c in rules.inputs} - {"id", "text"})
+    files = [_signals_path(stage_dir, i) for i in range(len(input_files))]
+    waiting: deque[pa.Table] = deque()  # batches handed out whose signals have not come back yet
 
     def items() -> Iterator[tuple[Any, ...]]:
         for i, path in enumerate(input_files):
-            for batch in iter_batches([path], columns=["id", "text", *inputs], batch_size=cfg.batch_size):
-                yield (i, batch.column("id"), batch.column("text"), families, {c: batch.column(c) for c in inputs})
+            for batch in iter_batches([path], batch_size=cfg.batch_size):
+                table = pa.Table.from_batches([batch])
+                waiting.append(table)
+                cols = {c: batch.column(c) for c in inputs}
+                yield (i, batch.column("id"), batch.column("text"), families, cols)
 
     writers: dict[int, ParquetWriter] = {}
-    bar = tqdm(total=count_rows(input_files), desc="filter: signals", unit="doc", disable=not progress)
     # In process, batches go to threads: the language pass, Arrow's kernels and the compiled loops of the families
     # run without the GIL, so a second core does real work; results come back in order, so files are identical.
     threads = ThreadPoolExecutor(signal_threads()) if executor is None and signal_threads() > 1 else None
     try:
-        for i, table in map_in_order(_signals_batch, items(), executor or threads):
+        for i, signals in map_in_order(_signals_batch, items(), executor or threads):
             if i not in writers:
                 writers[i] = ParquetWriter(files[i])
-            writers[i].write(table)
-            bar.update(table.num_rows)
+            writers[i].write(signals)
+            yield i, waiting.popleft(), signals
     finally:
         if threads is not None:
             threads.shutdown(cancel_futures=True)
-    bar.close()
     for i, f in enumerate(files):
         if i in writers:
             writers[i].close()
@@ -358,8 +388,20 @@ def compute_signal_files(
     for stale in stage_dir.glob("signals-*.parquet"):
         if stale not in files and not stale.name.startswith(TMP_PREFIX):
             stale.unlink()
-    atomic_write_json(key_path, key)
-    return False
+    atomic_write_json(stage_dir / SIGNALS_KEY, key)
+
+
+def compute_signal_files(
+    input_files: list[Path], stage_dir: Path, cfg: BaseFilterConfig, progress: bool, executor: Executor | None
+) -> bool:
+    """Write `signals-NNNNN.parquet` per input file unless the cached ones match; True if they were reused."""
+    reused, batches = signal_batches(input_files, stage_dir, cfg, executor)
+    if not reused:
+        bar = tqdm(total=count_rows(input_files), desc="filter: signals", unit="doc", disable=not progress)
+        for _, table, _ in batches:
+            bar.update(table.num_rows)
+        bar.close()
+    return reused
 
 
 def select(
@@ -411,52 +453,49 @@ def run_filter(
     input_files = [Path(p) for p in input_files]
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    reused = compute_signal_files(input_files, stage_dir, cfg, progress, executor)
-    t_signals = time.perf_counter()
-
     previous_parts = set(document_files(stage_dir))
+    reused, batches = signal_batches(input_files, stage_dir, cfg, executor)
     parts = PartWriter(stage_dir)
     dropped_w = ParquetWriter(stage_dir / "dropped.parquet", DROPPED_SCHEMA)
     dropped: Counter[str] = Counter()
     pii_counts: Counter[str] = Counter()
     n_in = 0
-    bar = tqdm(total=count_rows(input_files), desc="filter: select", unit="doc", disable=not progress)
-    for i, path in enumerate(input_files):
-        signals = pq.read_table(_signals_path(stage_dir, i))
-        offset = 0
-        for batch in iter_batches([path], batch_size=cfg.batch_size):
-            table = pa.Table.from_batches([batch])
-            sig = signals.slice(offset, table.num_rows)
-            offset += table.num_rows
-            if sig.column("id") != table.column("id"):
-                raise RuntimeError(f"{_signals_path(stage_dir, i)} is out of step with {path}; delete it and re-run")
-            sources = table.column("source").to_pylist() if cfg.source_kinds else None
-            reason, detail = select(sig, table.column("format"), cfg, sources)
-            keep = np.fromiter((r is None for r in reason), bool, len(reason))
-            owned = [c for c in sig.column_names if c != "id"]
-            table = table.drop_columns([c for c in owned if c in table.column_names])
-            for c in owned:
-                table = table.append_column(c, sig.column(c))
-            kept = table.filter(pa.array(keep))
-            if cfg.pii.enabled and kept.num_rows:
-                idx = kept.column_names.index("text")
-                is_code = _is_in(kept.column("format"), cfg.code_formats)
-                texts = redact_column(kept.column("text"), is_code, cfg.pii, pii_counts)
-                kept = kept.set_column(idx, kept.schema.field(idx), texts)
-            parts.write(kept)
-            drop = np.flatnonzero(~keep)
-            if len(drop):
-                taken = pa.array(drop)
-                dropped_w.write(
-                    dropped_rows(
-                        table.column("id").take(taken).to_pylist(), table.column("source").take(taken).to_pylist(),
-                        STAGE, [reason[j] for j in drop], [detail[j] for j in drop],  # type: ignore[misc]
-                    )
+    t_select = 0.0  # this thread's time deciding and writing, while the next batches' signals are computed
+    desc = "filter: select (signals reused)" if reused else "filter: signals and select"
+    bar = tqdm(total=count_rows(input_files), desc=desc, unit="doc", disable=not progress)
+    for i, table, sig in batches:
+        t_batch = time.perf_counter()
+        if sig.column("id") != table.column("id"):
+            raise RuntimeError(f"{_signals_path(stage_dir, i)} is out of step with {input_files[i]}; delete it and re-run")
+        sources = table.column("source").to_pylist() if cfg.source_kinds else None
+        reason, detail = select(sig, table.column("format"), cfg, sources)
+        keep = np.fromiter((r is None for r in reason), bool, len(reason))
+        owned = [c for c in sig.column_names if c != "id"]
+        table = table.drop_columns([c for c in owned if c in table.column_names])
+        for c in owned:
+            table = table.append_column(c, sig.column(c))
+        kept = table.filter(pa.array(keep))
+        if cfg.pii.enabled and kept.num_rows:
+            idx = kept.column_names.index("text")
+            is_code = _is_in(kept.column("format"), cfg.code_formats)
+            texts = redact_column(kept.column("text"), is_code, cfg.pii, pii_counts)
+            kept = kept.set_column(idx, kept.schema.field(idx), texts)
+        parts.write(kept)
+        drop = np.flatnonzero(~keep)
+        if len(drop):
+            taken = pa.array(drop)
+            dropped_w.write(
+                dropped_rows(
+                    table.column("id").take(taken).to_pylist(), table.column("source").take(taken).to_pylist(),
+                    STAGE, [reason[j] for j in drop], [detail[j] for j in drop],  # type: ignore[misc]
                 )
-                dropped.update(reason[j] for j in drop)  # type: ignore[misc]
-            n_in += table.num_rows
-            bar.update(table.num_rows)
+            )
+            dropped.update(reason[j] for j in drop)  # type: ignore[misc]
+        n_in += table.num_rows
+        bar.update(table.num_rows)
+        t_select += time.perf_counter() - t_batch
     bar.close()
+    t_signals = time.perf_counter()
     outputs: list[OutputFile] = list(parts.close())
     kept_rows = sum(o.rows for o in outputs)
     outputs.append(dropped_w.close(stage_dir))
@@ -475,8 +514,8 @@ def run_filter(
     elapsed = time.perf_counter() - t0
     metrics: dict[str, float] = {
         "docs_per_s": n_in / elapsed if elapsed > 0 else 0.0,
-        "seconds_signals": t_signals - t0,
-        "seconds_select": time.perf_counter() - t_signals,
+        "seconds_signals": t_signals - t0 - t_select,  # reading or computing signals, apart from the decisions
+        "seconds_select": t_select + time.perf_counter() - t_signals,
         "signals_reused": float(reused),
         **{f"dropped_{k}": float(v) for k, v in sorted(dropped.items())},
         **{f"dropped_family_{k}": float(v) for k, v in by_family.items()},
