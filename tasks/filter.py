@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -454,6 +455,8 @@ def run_filter(
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     previous_parts = set(document_files(stage_dir))
+    charting = threading.Thread(target=_import_chart_modules, daemon=True)  # ready by the end, off the critical path
+    charting.start()
     reused, batches = signal_batches(input_files, stage_dir, cfg, executor)
     parts = PartWriter(stage_dir)
     dropped_w = ParquetWriter(stage_dir / "dropped.parquet", DROPPED_SCHEMA)
@@ -501,6 +504,7 @@ def run_filter(
     outputs.append(dropped_w.close(stage_dir))
     for stale in previous_parts - {stage_dir / o.path for o in outputs}:
         stale.unlink(missing_ok=True)
+    charting.join()
     write_chart(stage_dir / CHART, dict(dropped))
     outputs.append(describe_file(stage_dir, stage_dir / CHART))
     for j in range(len(input_files)):
@@ -533,6 +537,11 @@ def dropped_by_family(dropped: Mapping[str, int], cfg: BaseFilterConfig) -> dict
         name = family_of.get(code, "other")
         out[name] = out.get(name, 0) + n
     return out
+
+
+def _import_chart_modules() -> None:
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
 
 
 def write_chart(path: Path, dropped: dict[str, int]) -> None:
