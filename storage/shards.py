@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,41 @@ def split_fractions(texts: pa.Array | pa.ChunkedArray, salt: str = "split") -> n
     return np.frombuffer(bytes(digests), dtype=">u8").astype(np.float64) / 2.0**64
 
 
+def token_shard_bytes(
+    ids: Sequence[str] | pa.Array, values: np.ndarray, offsets: np.ndarray, vocab_size: int, name: str = "shard"
+) -> pa.Buffer:
+    """The bytes of a shard file, built in memory from flat token `values` and `len(ids) + 1` row `offsets`.
+
+    The tokens are already one array and the ids may be an Arrow array, so
+    nothing is converted per document (the IPC bytes are the same either way).
+    """
+    schema = shard_schema(vocab_size)
+    np_dtype = np.uint16 if schema.field("input_ids").type.value_type == pa.uint16() else np.uint32
+    offsets = np.asarray(offsets, dtype=np.int32)
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(values):
+        raise ValueError(f"{name}: offsets must run from 0 to len(values) with one entry per document plus one")
+    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np_dtype)))
+    id_array = ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+    table = pa.table({"id": id_array, "input_ids": input_ids}, schema=schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def write_shard_bytes(path: str | os.PathLike[str], data: pa.Buffer) -> str:
+    """Write a shard's bytes atomically; returns their sha256, taken from memory (the file is not read back).
+
+    The hash runs on a thread of its own while the bytes are written and synced: both release the GIL.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-sha256") as hasher:
+        digest = hasher.submit(lambda: hashlib.sha256(memoryview(data)).hexdigest())
+        with atomic_path(path) as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink:
+                sink.write(data)
+        return digest.result()
+
+
 def write_token_shard_arrays(
     path: str | os.PathLike[str],
     ids: Sequence[str] | pa.Array,
@@ -91,21 +127,10 @@ def write_token_shard_arrays(
 ) -> int:
     """Write one shard atomically from flat token `values` and `len(ids) + 1` row `offsets`.
 
-    This is the fast path the shards stage uses: the tokens are already one
-    array and the ids may be an Arrow array, so nothing is converted per
-    document (the IPC bytes are the same either way). Returns the number of tokens.
+    This is the fast path the shards stage uses (`token_shard_bytes`, then
+    `write_shard_bytes`). Returns the number of tokens.
     """
-    schema = shard_schema(vocab_size)
-    np_dtype = np.uint16 if schema.field("input_ids").type.value_type == pa.uint16() else np.uint32
-    offsets = np.asarray(offsets, dtype=np.int32)
-    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(values):
-        raise ValueError(f"{path}: offsets must run from 0 to len(values) with one entry per document plus one")
-    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(values, dtype=np_dtype)))
-    id_array = ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
-    table = pa.table({"id": id_array, "input_ids": input_ids}, schema=schema)
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table)
+    write_shard_bytes(path, token_shard_bytes(ids, values, offsets, vocab_size, name=str(path)))
     return len(values)
 
 

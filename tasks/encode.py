@@ -10,22 +10,29 @@ and cuts each split into shards of about `shard_tokens` tokens.
 
 Encoding runs through the fastest encoder that reproduces the reference ids
 exactly. The reference is `tokenizers` (`encode_batch_fast`, special-token text
-encoded as plain text); `fastokens` is much faster but a different
-implementation, so before a corpus is encoded a parity gate compares both on a
-deterministic sample of the corpus's own documents and on adversarial strings
-(all Unicode planes, combining marks, emoji, RTL, whitespace and control runs,
-NUL, the tokenizer's special tokens inside text, very long words, digit runs).
-Any difference, or a fast library that is missing or cannot load the
-tokenizer, falls back to the reference with a warning naming the first input
-that differed, so the shard bytes are the same whichever encoder ran. The
-reference is slow, so the verdict is remembered for the rest of the process,
-keyed by the tokenizer file's sha256, both libraries' versions and the sample:
-a second run over the same tokenizer and corpus does not compare again.
+encoded as plain text); `gigatoken` (then `fastokens`) is much faster but a
+different implementation, so before a corpus is encoded a parity gate compares
+them on a deterministic sample of the corpus's own documents and on adversarial
+strings (all Unicode planes, combining marks, emoji, RTL, whitespace and
+control runs, NUL, the tokenizer's special tokens inside text, very long words,
+digit runs). The first fast encoder that matches on every input encodes the
+corpus; if none does, or the fast libraries are missing or cannot load the
+tokenizer, the reference encodes it, with a warning naming the first input that
+differed, so the shard bytes are the same whichever encoder ran. The reference
+is slow, so it encodes the gate's inputs once, in one call, while the first fast
+encoder loads and encodes them on another thread, and the verdict is remembered
+for the rest of the process, keyed by the tokenizer file's sha256, the
+libraries' versions and the sample: a second run over the same tokenizer and
+corpus does not compare again.
 
-The rest of the stage keeps the tokens in flat arrays end to end: the split is
-hashed from the Arrow text buffers, end-of-text ids are placed with one mask,
-documents are routed to their split with a mask over the tokens, and a shard's
-`list<uint16>` column is built from the flat values and offsets.
+The rest of the stage keeps the tokens in flat arrays end to end: `gigatoken`
+reads the texts straight from the Arrow buffers (no Python string per
+document), the split is hashed from the same buffers, end-of-text ids are
+placed with one mask, documents are routed to their split with a mask over the
+tokens, and a shard's `list<uint16>` column is built from the flat values and
+offsets. A full shard is written, and its sha256 taken from memory, on a thread
+of its split while the next row groups encode; at the end of the corpus both
+splits' last shards are written at once while `stats.parquet` is written.
 
 Files written under the stage directory:
 - `train-00000.arrow`, ..., `val-00000.arrow`: one row per document (`id`,
@@ -68,13 +75,14 @@ from tqdm.auto import tqdm
 
 from refinery.storage.atomic import atomic_write_json, sweep_temporaries
 from refinery.storage.documents import DROPPED_SCHEMA, ParquetWriter, dropped_rows
-from refinery.storage.manifest import Counts, StageResult, describe_file, file_sha256, stable_hash
+from refinery.storage.manifest import Counts, OutputFile, StageResult, describe_file, file_sha256, stable_hash
 from refinery.storage.shards import (
     SHARD_SUFFIX,
     split_fraction,
     split_fractions,
     token_dtype,
-    write_token_shard_arrays,
+    token_shard_bytes,
+    write_shard_bytes,
 )
 from refinery.tasks.parallel import executor_workers, map_in_order
 from refinery.tasks.tokenizer import EOT, load_tokenizer
@@ -105,16 +113,17 @@ class ShardsConfig(BaseModel):
 
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents (by text hash) in val")
     shard_tokens: int = Field(2**25, ge=1, description="a shard is closed once it holds at least this many tokens")
-    batch_docs: int = Field(1000, ge=1, description="documents per tokenizer call")
+    batch_docs: int = Field(10_000, ge=1, description="documents per tokenizer call (at most a row group)")
     workers: int = Field(
         1, ge=1, le=512, description="1: encode in this process on the tokenizer's threads; n > 1: n processes"
     )
     in_flight: int = Field(2, ge=1, le=64, description="row groups queued per worker (bounds memory)")
     eot: str = Field(EOT, min_length=1, description="special token that closes every document")
-    encoder: Literal["auto", "fast", "tokenizers"] = Field(
+    encoder: Literal["auto", "fast", "gigatoken", "fastokens", "tokenizers"] = Field(
         "auto",
-        description="auto: the fast encoder if it passes the parity gate, else tokenizers; "
-        "fast: fail unless it passes; tokenizers: the reference only",
+        description="auto: the first fast encoder (gigatoken, then fastokens) that passes the parity gate, "
+        "else tokenizers; fast: fail unless one passes; gigatoken, fastokens: that one, fail unless it passes; "
+        "tokenizers: the reference only",
     )
     gate_docs: int = Field(200, ge=0, le=100_000, description="corpus documents the parity gate compares")
 
@@ -152,7 +161,11 @@ class EncodedBatch:
 
 
 class Encoder(Protocol):
-    """Texts to token ids as one flat array: what the stage needs from a tokenizer library."""
+    """Texts to token ids as one flat array: what the stage needs from a tokenizer library.
+
+    An encoder that can also read an Arrow string array in place has `encode_arrow(texts)`, with the
+    same result as `encode_flat(texts.to_pylist())`; `encode_texts` uses it when it is there.
+    """
 
     name: str
 
@@ -196,12 +209,69 @@ class FastokensEncoder:
         return np.frombuffer(ids, np.uint32), np.frombuffer(offsets, np.uint64).astype(np.int64)
 
 
-ENCODERS = {"tokenizers": TokenizersEncoder, "fastokens": FastokensEncoder}
-FAST_ENCODER = "fastokens"
+class GigatokenEncoder:
+    """`gigatoken`: the same `tokenizer.json`, encoded in Rust on all cores, straight from Arrow's buffers.
+
+    It reads a string column where Arrow holds it (an awkward view of the same
+    buffers: no Python string per document) and returns one flat buffer plus
+    offsets. It always splits special tokens out of the text, whereas the
+    reference encodes their text as plain text, so it is loaded from the
+    `tokenizer.json` without its special added tokens: a document quoting
+    `<|endoftext|>` then gets the plain-text ids, as from the reference. The
+    parity gate checks that (the special tokens inside text are among its inputs).
+    """
+
+    name = "gigatoken"
+
+    def __init__(self, tokenizer_file: str | Path) -> None:
+        import gigatoken
+
+        data = json.loads(Path(tokenizer_file).read_text(encoding="utf-8"))
+        data["added_tokens"] = [t for t in data.get("added_tokens") or [] if not t.get("special")]
+        self.tok = gigatoken.Tokenizer.from_json(json.dumps(data))
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self._flat(self.tok.encode_batch(texts))
+
+    def encode_arrow(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """`encode_flat` of a (large) string array without nulls, read in place from its buffers."""
+        import awkward as ak
+
+        if len(texts) == 0:
+            return np.zeros(0, np.uint32), np.zeros(1, np.int64)
+        if not pa.types.is_large_string(texts.type):
+            texts = texts.cast(pa.large_string())  # gigatoken takes 64-bit offsets: copies the offsets only
+        _, offsets, data = texts.buffers()
+        offsets = np.frombuffer(offsets, np.int64)[texts.offset : texts.offset + len(texts) + 1]
+        chars = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+        strings = ak.contents.ListOffsetArray(
+            ak.index.Index64(offsets),
+            ak.contents.NumpyArray(chars, parameters={"__array__": "char"}),
+            parameters={"__array__": "string"},
+        )
+        return self._flat(self.tok.encode_batch(ak.Array(strings)))
+
+    @staticmethod
+    def _flat(encoded: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(values, offsets from 0) of gigatoken's ragged result, views of its buffers where it allows."""
+        import awkward as ak
+
+        layout = encoded.layout
+        if not isinstance(layout, ak.contents.ListOffsetArray):
+            layout = ak.to_packed(encoded).layout.to_ListOffsetArray64(True)
+        offsets = np.asarray(layout.offsets.data).astype(np.int64, copy=False)
+        values = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
+        return values.astype(np.uint32, copy=False), offsets - offsets[0]
+
+
+ENCODERS = {"tokenizers": TokenizersEncoder, "gigatoken": GigatokenEncoder, "fastokens": FastokensEncoder}
+# The fast encoders, the fastest first: the parity gate picks the first that reproduces the reference.
+FAST_ENCODERS = ("gigatoken", "fastokens")
 
 # The last encoder loaded of each kind, with what it was loaded from: (path, eot, digest of the file).
 _ENCODERS: dict[str, tuple[tuple[str, str, str], Encoder]] = {}
-_ENCODERS_LOCK = threading.Lock()
+_ENCODERS_LOCK = threading.Lock()  # guards the per-kind locks below
+_ENCODER_LOCKS: dict[str, threading.Lock] = {}  # one per kind: loading one kind never waits for another
 
 
 def _encoder(name: str, path: str, eot: str, digest: str = "") -> Encoder:
@@ -212,6 +282,8 @@ def _encoder(name: str, path: str, eot: str, digest: str = "") -> Encoder:
     """
     key = (path, eot, digest)
     with _ENCODERS_LOCK:
+        lock = _ENCODER_LOCKS.setdefault(name, threading.Lock())
+    with lock:
         cached = _ENCODERS.get(name)
         if cached is None or cached[0] != key:
             encoder = TokenizersEncoder(path, eot) if name == "tokenizers" else ENCODERS[name](path)
@@ -221,19 +293,42 @@ def _encoder(name: str, path: str, eot: str, digest: str = "") -> Encoder:
 
 @functools.lru_cache(maxsize=8)
 def _vocab(path: str, eot: str, digest: str = "") -> tuple[int, int]:
-    """(end-of-text id, vocabulary size with added tokens), read once per process and tokenizer file."""
-    tok, eot_id = load_tokenizer(path, eot)
-    return eot_id, tok.get_vocab_size(with_added_tokens=True)
+    """(end-of-text id, vocabulary size with added tokens), read once per process and tokenizer file
+    (from the reference encoder, which the parity gate loads anyway)."""
+    reference = _encoder("tokenizers", path, eot, digest)
+    assert isinstance(reference, TokenizersEncoder)
+    return reference.eot_id, reference.tok.get_vocab_size(with_added_tokens=True)
+
+
+def _warm_up(name: str, path: str, eot: str, digest: str) -> threading.Thread | None:
+    """Load a fast encoder and run it once on a thread, unless this process already has it.
+
+    Its first call pays one-time imports (a few tenths of a second for gigatoken's
+    `awkward`); started before the corpus sample is read and the reference is
+    loaded, that overlaps them. A failure is left for the parity gate to report.
+    """
+    if name not in ENCODERS or _ENCODERS.get(name, (None,))[0] == (path, eot, digest):
+        return None
+
+    def warm() -> None:
+        try:
+            _encoder(name, path, eot, digest).encode_flat([" "])
+        except Exception:  # noqa: BLE001 (the gate loads it again and says why it failed)
+            pass
+
+    thread = threading.Thread(target=warm, name=f"encode-warm-{name}", daemon=True)
+    thread.start()
+    return thread
 
 
 @functools.lru_cache(maxsize=1)
 def _library_versions() -> str:
-    """The versions of both encoding libraries (as installed when first asked; the loaded code does not
-    change within a process): a new release of either must pass the gate again."""
+    """The versions of the encoding libraries (as installed when first asked; the loaded code does not
+    change within a process): a new release of any must pass the gate again."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for name in ("tokenizers", FAST_ENCODER):
+    for name in ("tokenizers", *FAST_ENCODERS):
         try:
             found.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -365,13 +460,19 @@ def _texts_digest(texts: list[str]) -> str:
 
 def first_mismatch(candidate: Encoder, reference: Encoder, texts: list[str]) -> str | None:
     """None when `candidate` gives the reference's ids for every text, else the first text that differs."""
-    got_values, got_offsets = candidate.encode_flat(texts)
-    want_values, want_offsets = reference.encode_flat(texts)
+    return _first_difference(candidate.encode_flat(texts), reference.encode_flat(texts), texts)
+
+
+def _first_difference(
+    got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.ndarray], texts: list[str]
+) -> str | None:
+    """The first text whose ids differ between two `encode_flat` results, or None when all are equal."""
+    (got_values, got_offsets), (want_values, want_offsets) = got, want
     if np.array_equal(got_offsets, want_offsets) and np.array_equal(got_values, want_values):
         return None
     for i, text in enumerate(texts):
-        got = got_values[got_offsets[i] : got_offsets[i + 1]] if i + 1 < len(got_offsets) else None
-        if got is None or not np.array_equal(got, want_values[want_offsets[i] : want_offsets[i + 1]]):
+        got_ids = got_values[got_offsets[i] : got_offsets[i + 1]] if i + 1 < len(got_offsets) else None
+        if got_ids is None or not np.array_equal(got_ids, want_values[want_offsets[i] : want_offsets[i + 1]]):
             return text
     return texts[-1] if texts else ""
 
@@ -389,11 +490,13 @@ def parity_gate(
     candidate: Encoder | None = None,
     tokenizer_digest: str | None = None,
 ) -> GateResult:
-    """Decide which encoder encodes the corpus: the fast one only if it matches the reference exactly.
+    """Decide which encoder encodes the corpus: a fast one only if it matches the reference exactly.
 
-    `mode` is `ShardsConfig.encoder`. `candidate` replaces the fast encoder
-    (tests give it one that really disagrees). With `mode="fast"` a failed gate
-    is an error; with `auto` it is a warning and the reference encodes.
+    `mode` is `ShardsConfig.encoder`: `auto` and `fast` try the fast encoders
+    in order (`FAST_ENCODERS`), a library's name tries that one alone.
+    `candidate` replaces the fast encoders (tests give it one that really
+    disagrees). With `auto` a failed gate is a warning and the reference
+    encodes; with any other mode it is an error.
 
     Given the tokenizer file's sha256 (`tokenizer_digest`), the verdict is
     remembered for the rest of the process, keyed by that digest, the
@@ -404,14 +507,15 @@ def parity_gate(
     """
     if mode == "tokenizers":
         return GateResult(encoder="tokenizers")
+    names = FAST_ENCODERS if mode in ("auto", "fast") else (mode,)
     key = None
     if tokenizer_digest is not None and candidate is None:
-        key = stable_hash([tokenizer_digest, eot, _library_versions(), _texts_digest(sample)])
+        key = stable_hash([tokenizer_digest, eot, _library_versions(), names, _texts_digest(sample)])
         with _GATE_LOCK:
             cached = _GATE_VERDICTS.get(key)
         if cached is not None:
             return _gate_outcome(GateResult(**vars(cached)), mode)
-    result = _run_gate(tokenizer_file, eot, sample, candidate, tokenizer_digest or "")
+    result = _run_gate(tokenizer_file, eot, sample, candidate, tokenizer_digest or "", names)
     if key is not None:
         with _GATE_LOCK:
             _GATE_VERDICTS[key] = GateResult(**vars(result))
@@ -419,35 +523,56 @@ def parity_gate(
 
 
 def _run_gate(
-    tokenizer_file: str | Path, eot: str, sample: list[str], candidate: Encoder | None, digest: str
+    tokenizer_file: str | Path,
+    eot: str,
+    sample: list[str],
+    candidate: Encoder | None,
+    digest: str,
+    names: tuple[str, ...] = FAST_ENCODERS,
 ) -> GateResult:
-    """Compare the fast encoder with the reference on the sample and the adversarial strings."""
+    """Compare the fast encoders with the reference on the sample and the adversarial strings.
+
+    The reference encodes the inputs once, in one batch call; each fast encoder
+    (the fastest first) is compared with that until one matches exactly. The
+    first fast encoder is loaded and run on a second thread while the reference
+    encodes: both release the GIL, and its first call pays one-time imports.
+    """
     reference = _encoder("tokenizers", str(tokenizer_file), eot, digest)
     assert isinstance(reference, TokenizersEncoder)
     specials = [t.content for t in reference.tok.get_added_tokens_decoder().values()]
     texts = sample + adversarial_texts(specials)
-    reason: str | None = None
-    try:
-        fast = candidate if candidate is not None else _encoder(FAST_ENCODER, str(tokenizer_file), eot, digest)
-        mismatch = first_mismatch(fast, reference, texts)
-        if mismatch is not None:
-            shown = mismatch if len(mismatch) <= 120 else mismatch[:120] + f"... ({len(mismatch)} characters)"
-            reason = f"{fast.name} ids differ from tokenizers on {shown!r}"
-    except Exception as err:  # noqa: BLE001 (missing library, unsupported tokenizer.json: use the reference)
-        reason = f"{FAST_ENCODER} unavailable: {type(err).__name__}: {err}"
-    if reason is None:
-        return GateResult(encoder=fast.name, checked=len(texts))
-    return GateResult(encoder="tokenizers", checked=len(texts), reason=reason)
+    names = names if candidate is None else (candidate.name,)
+
+    def fast_ids(name: str) -> tuple[Encoder, tuple[np.ndarray, np.ndarray]]:
+        fast = candidate if candidate is not None else _encoder(name, str(tokenizer_file), eot, digest)
+        return fast, fast.encode_flat(texts)
+
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="encode-gate") as ahead:
+        first = ahead.submit(fast_ids, names[0])
+        want = reference.encode_flat(texts)
+    reasons: list[str] = []
+    for name in names:
+        try:
+            fast, got = first.result() if name == names[0] else fast_ids(name)
+            mismatch = _first_difference(got, want, texts)
+        except Exception as err:  # noqa: BLE001 (missing library, unsupported tokenizer.json: try the next)
+            reasons.append(f"{name} unavailable: {type(err).__name__}: {err}")
+            continue
+        if mismatch is None:
+            return GateResult(encoder=fast.name, checked=len(texts))
+        shown = mismatch if len(mismatch) <= 120 else mismatch[:120] + f"... ({len(mismatch)} characters)"
+        reasons.append(f"{fast.name} ids differ from tokenizers on {shown!r}")
+    return GateResult(encoder="tokenizers", checked=len(texts), reason="; ".join(reasons))
 
 
 def _gate_outcome(result: GateResult, mode: str) -> GateResult:
-    """A failed gate is an error with `mode="fast"`, else a warning (on every run, remembered or not)."""
+    """A failed gate is a warning with `mode="auto"` (on every run, remembered or not), else an error."""
     if result.reason is None:
         return result
-    if mode == "fast":
-        raise RuntimeError(f"shards.encoder=fast but the fast encoder failed the parity gate: {result.reason}")
+    if mode != "auto":
+        raise RuntimeError(f"shards.encoder={mode} but no fast encoder passed the parity gate: {result.reason}")
     warnings.warn(
-        f"shards: encoding with tokenizers instead of {FAST_ENCODER}: {result.reason}", RuntimeWarning, stacklevel=3
+        f"shards: encoding with tokenizers instead of a fast encoder: {result.reason}", RuntimeWarning, stacklevel=3
     )
     return result
 
@@ -469,27 +594,41 @@ def close_documents(values: np.ndarray, offsets: np.ndarray, eot_id: int, dtype:
     return out, lengths
 
 
+def encode_texts(encoder: Encoder, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`encoder.encode_flat` of an Arrow string array without nulls: from its buffers when the encoder
+    reads Arrow (no Python string per document), else through Python strings."""
+    encode_arrow = getattr(encoder, "encode_arrow", None)
+    if encode_arrow is not None:
+        return encode_arrow(texts)
+    return encoder.encode_flat(texts.to_pylist())
+
+
 def encode_row_group(task: EncodeTask) -> EncodedBatch:
     """Read one row group and encode it: the per-batch pure work of the stage."""
     encoder = _encoder(task.encoder, task.tokenizer_file, task.eot, task.tokenizer_digest)
     eot_id, vocab_size = _vocab(task.tokenizer_file, task.eot, task.tokenizer_digest)
     dtype = np.uint16 if token_dtype(vocab_size) == pa.uint16() else np.uint32
     table = pq.ParquetFile(task.path).read_row_group(task.row_group, columns=["id", "text", "source", "format"])
-    text = table.column("text")
+    text = table.column("text").combine_chunks()
+    if text.null_count:  # a null text is an empty document (and splits as "")
+        text = text.fill_null("")
     n_bytes = pc.binary_length(text).to_numpy(zero_copy_only=False).astype(np.int64)
-    texts = text.to_pylist()
+    has_text = n_bytes > 0
     values: list[np.ndarray] = []
     kept_lengths: list[np.ndarray] = []
-    for start in range(0, len(texts), task.batch_docs):
-        chunk = [t for t in texts[start : start + task.batch_docs] if t]
-        if chunk:
-            flat, offsets = encoder.encode_flat(chunk)
+    for start in range(0, len(text), task.batch_docs):
+        chunk = text.slice(start, task.batch_docs)
+        nonempty = has_text[start : start + task.batch_docs]
+        if not nonempty.all():  # empty documents are dropped, never encoded
+            chunk = chunk.filter(pa.array(nonempty))
+        if len(chunk):
+            flat, offsets = encode_texts(encoder, chunk)
             closed, lens = close_documents(flat, offsets, eot_id, dtype)
             values.append(closed)
             kept_lengths.append(lens)
-    lengths = np.zeros(len(texts), dtype=np.int64)
+    lengths = np.zeros(len(text), dtype=np.int64)
     if kept_lengths:
-        lengths[n_bytes > 0] = np.concatenate(kept_lengths)
+        lengths[has_text] = np.concatenate(kept_lengths)
     return EncodedBatch(
         first_doc=task.first_doc,
         ids=table.column("id").combine_chunks(),
@@ -516,27 +655,52 @@ class _ShardFile:
     tokens: int
 
 
+_END = int(np.iinfo(np.int64).max)  # `next_doc` of a split whose every document is written
+
+
+@dataclass
+class _Written:
+    """What is on disk for one split: the state that `progress/state.json` records."""
+
+    next_doc: int = 0  # every document of this split before this corpus position is written
+    shards: list[_ShardFile] = field(default_factory=list)
+
+
 @dataclass
 class _Split:
-    """Documents of one split waiting for their shard, and the shards already written."""
+    """Documents of one split waiting for their shard, and the shards written or being written."""
 
     name: str
-    next_doc: int = 0  # every document of this split before this corpus position is written
+    next_doc: int = 0  # documents before this corpus position are written or being written
     shards: list[_ShardFile] = field(default_factory=list)
     ids: list[pa.Array] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
     lengths: list[np.ndarray] = field(default_factory=list)
     rows: list[pa.Table] = field(default_factory=list)  # pending stats rows (kept and dropped)
     tokens: int = 0
+    written: _Written = field(default_factory=_Written)
+    writing: cf.Future[None] | None = None  # the shard being written in the background, if any
 
 
 class _ShardWriter:
-    """Cuts each split into shards of about `shard_tokens` and records progress after each."""
+    """Cuts each split into shards of about `shard_tokens` and records progress after each.
+
+    A full shard is written on a thread of its split (one per split, so a split's
+    shards land in order) while the caller goes on routing documents: building
+    the IPC bytes, hashing them and writing them release the GIL, so writing
+    overlaps encoding, and at the end of the corpus both splits' last shards are
+    written at once. At most one shard per split is in the writing; the next
+    waits for it. `progress/state.json` only ever names shards already on disk.
+    """
 
     def __init__(self, stage_dir: Path, cfg: ShardsConfig, vocab_size: int, fingerprint: str) -> None:
         self.stage_dir, self.cfg, self.vocab_size, self.fingerprint = stage_dir, cfg, vocab_size, fingerprint
         self.progress_dir = stage_dir / PROGRESS_DIR
         self.splits = {name: _Split(name) for name in SPLITS}
+        self.sha256: dict[str, tuple[int, str]] = {}  # (bytes, sha256) of each shard this run wrote
+        self._records: dict[str, pa.Table] = {}  # the per-document record of each shard this run wrote
+        self._state_lock = threading.Lock()
+        self._threads = {name: cf.ThreadPoolExecutor(1, thread_name_prefix=f"shards-{name}") for name in SPLITS}
 
     # -- resuming -------------------------------------------------------------------------------
 
@@ -555,6 +719,7 @@ class _ShardWriter:
                 split = self.splits[name]
                 split.next_doc = int(state["splits"][name]["next_doc"])
                 split.shards = [_ShardFile(**s) for s in state["splits"][name]["shards"]]
+                split.written = _Written(split.next_doc, list(split.shards))
                 keep.update(s.path for s in split.shards)
                 keep.update(self._record_name(s.path) for s in split.shards)
         for path in self._owned_files():
@@ -574,8 +739,10 @@ class _ShardWriter:
         return f"{PROGRESS_DIR}/{Path(shard).stem}.parquet"
 
     def _save_state(self) -> None:
+        """Record what is on disk; called under the state lock by whichever split's thread just wrote."""
         splits = {
-            s.name: {"next_doc": s.next_doc, "shards": [vars(f) for f in s.shards]} for s in self.splits.values()
+            s.name: {"next_doc": s.written.next_doc, "shards": [vars(f) for f in s.written.shards]}
+            for s in self.splits.values()
         }
         atomic_write_json(self.progress_dir / STATE_FILE, {"fingerprint": self.fingerprint, "splits": splits})
 
@@ -632,7 +799,7 @@ class _ShardWriter:
         )
 
     def _flush(self, split: _Split, last_doc: int | None) -> None:
-        """Write the split's pending documents as its next shard, then record the progress.
+        """Hand the split's pending documents to its thread as its next shard.
 
         `last_doc` is the corpus position of the shard's last document (None at
         the end of the corpus): dropped documents up to it go with this shard.
@@ -646,32 +813,85 @@ class _ShardWriter:
                 rows = rows.filter(pc.invert(later))
             else:
                 split.rows = []
+        rows = rows.drop_columns(["_pos"]) if "_pos" in rows.column_names else rows
         name = f"{split.name}-{len(split.shards):05d}{SHARD_SUFFIX}"
-        self.progress_dir.mkdir(parents=True, exist_ok=True)
-        with ParquetWriter(self.stage_dir / self._record_name(name), schema=_PENDING_SCHEMA) as writer:
-            writer.write(rows.drop_columns(["_pos"]) if "_pos" in rows.column_names else rows)
-        if split.ids:
-            ids = pa.concat_arrays(split.ids)
-            lengths = np.concatenate(split.lengths)
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            values = split.values[0] if len(split.values) == 1 else np.concatenate(split.values)
-            write_token_shard_arrays(self.stage_dir / name, ids, values, offsets, self.vocab_size)
-            split.shards.append(_ShardFile(path=name, rows=len(ids), tokens=len(values)))
-        else:  # only dropped documents are left: their record is kept, no shard is written
-            split.shards.append(_ShardFile(path=name, rows=0, tokens=0))
+        shard = _ShardFile(path=name, rows=sum(len(i) for i in split.ids), tokens=split.tokens)
+        split.shards.append(shard)
+        self._records[shard.path] = rows
+        next_doc = last_doc + 1 if last_doc is not None else _END
+        parts = (split.ids, split.lengths, split.values)
         split.ids, split.lengths, split.values, split.tokens = [], [], [], 0
-        split.next_doc = last_doc + 1 if last_doc is not None else np.iinfo(np.int64).max
-        self._save_state()
+        split.next_doc = next_doc
+        if split.writing is not None:
+            split.writing.result()  # one shard per split in the writing bounds the memory held
+        split.writing = self._threads[split.name].submit(self._write, split, shard, rows, parts, next_doc)
 
-    def finish(self) -> None:
+    def _write(
+        self,
+        split: _Split,
+        shard: _ShardFile,
+        rows: pa.Table,
+        parts: tuple[list[pa.Array], list[np.ndarray], list[np.ndarray]],
+        next_doc: int,
+    ) -> None:
+        """Write a shard and its per-document record, then record the progress (on the split's thread).
+
+        The last shard of a split records no progress: the stage completes right
+        after it, and a run killed before that redoes only the corpus after the
+        last recorded shard (its unrecorded files are deleted on resuming).
+        """
+        ids, lengths, values = parts
+        if ids:  # else only dropped documents are left: their record is kept, no shard is written
+            offsets = np.zeros(shard.rows + 1, dtype=np.int64)
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+            flat = values[0] if len(values) == 1 else np.concatenate(values)
+            data = token_shard_bytes(pa.concat_arrays(ids), flat, offsets, self.vocab_size, name=shard.path)
+            del flat, parts, ids, values
+            self.sha256[shard.path] = (data.size, write_shard_bytes(self.stage_dir / shard.path, data))
+        if next_doc == _END:
+            return
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+        with ParquetWriter(self.stage_dir / self._record_name(shard.path), schema=_PENDING_SCHEMA) as writer:
+            writer.write(rows)
+        with self._state_lock:
+            split.written.shards.append(shard)
+            split.written.next_doc = next_doc
+            self._save_state()
+
+    def flush_all(self) -> None:
+        """At the end of the corpus: hand every split's pending documents to its thread as its last shard."""
         for split in self.splits.values():
             if split.ids or split.rows:
                 self._flush(split, last_doc=None)
 
+    def finish(self) -> None:
+        """Write what is pending and wait for every shard to be on disk."""
+        self.flush_all()
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the shards in the writing (raising the first error) and end the split threads."""
+        try:
+            for split in self.splits.values():
+                if split.writing is not None:
+                    split.writing.result()
+        finally:
+            for thread in self._threads.values():
+                thread.shutdown(wait=True)
+
+    def describe(self, shard: _ShardFile) -> OutputFile:
+        """The manifest entry of a shard: its checksum taken when it was written, else read from disk."""
+        known = self.sha256.get(shard.path)
+        if known is None:  # adopted from an interrupted run
+            return describe_file(self.stage_dir, self.stage_dir / shard.path, rows=shard.rows)
+        return OutputFile(path=shard.path, rows=shard.rows, bytes=known[0], sha256=known[1])
+
     def records(self) -> pa.Table:
-        """The progress records of all shards, in split then shard order."""
+        """The progress records of all shards, in split then shard order (read back for adopted shards)."""
         tables = [
-            pq.read_table(self.stage_dir / self._record_name(s.path), schema=_PENDING_SCHEMA)
+            self._records[s.path]
+            if s.path in self._records
+            else pq.read_table(self.stage_dir / self._record_name(s.path), schema=_PENDING_SCHEMA)
             for split in self.splits.values()
             for s in split.shards
         ]
@@ -726,6 +946,8 @@ def run_encode(
     if not Path(tokenizer_file).is_file():
         load_tokenizer(tokenizer_file, cfg.eot)  # raises the error that says which stage makes it
     digest = file_sha256(tokenizer_file)
+    first_fast = FAST_ENCODERS[0] if cfg.encoder in ("auto", "fast") else cfg.encoder
+    warming = _warm_up(first_fast, str(tokenizer_file), cfg.eot, digest) if cfg.encoder != "tokenizers" else None
     # Loaded once per process and tokenizer file (the workers' row groups use the same cache).
     eot_id, vocab_size = _vocab(str(tokenizer_file), cfg.eot, digest)
 
@@ -737,6 +959,8 @@ def run_encode(
     sample = _corpus_sample(input_files, metadata, cfg.gate_docs) if cfg.encoder != "tokenizers" else []
     gate = parity_gate(tokenizer_file, cfg.eot, sample, cfg.encoder, tokenizer_digest=digest)
     gate_seconds = time.perf_counter() - gate_started
+    if warming is not None:
+        warming.join()  # done by now, unless a remembered verdict made the gate instant
     tasks = _tasks(input_files, metadata, Path(tokenizer_file), cfg, resume_at, gate.encoder, digest)
     total_docs = sum(m.num_rows for m in metadata)
 
@@ -750,8 +974,8 @@ def run_encode(
         pool, ahead = own_pool, cfg.in_flight * cfg.workers
     else:
         # Two threads with `in_flight` row groups pending each: while this thread routes one row group,
-        # two more are in work, so one's reading and split hashing (single-threaded) overlaps the
-        # other's encoding (on the tokenizer's own threads) and neither core waits.
+        # two more are in work, so one's reading and split hashing (one core each, GIL released)
+        # overlaps the other's encoding (on the encoder's own thread pool) and neither core waits.
         own_pool = cf.ThreadPoolExecutor(2, thread_name_prefix="encode")
         pool, ahead = own_pool, cfg.in_flight * 2
 
@@ -762,27 +986,38 @@ def run_encode(
         for batch in map_in_order(encode_row_group, ((task,) for task in tasks), pool, ahead):
             writer.add(batch)
             bar.update(len(batch.lengths))
-        writer.finish()
+        writer.flush_all()
+        # Stats and the dropped list are written here while the split threads write the last shards.
+        records = _write_tables(stage_dir, writer.records())
+        writer.close()
     finally:
         bar.close()
         if own_pool is not None:
             own_pool.shutdown(cancel_futures=True)
+        writer.close()  # after an error too: no shard is left in the writing
     seconds = time.perf_counter() - started
 
-    result = _result(stage_dir, writer, vocab_size, eot_id, seconds)
+    result = _result(stage_dir, writer, records, vocab_size, eot_id, seconds)
     result.extra["encoder"] = gate.encoder
     result.extra["encoder_gate"] = gate.as_dict()
     result.metrics.update(gate_seconds=gate_seconds, fast_encoder=float(gate.encoder != "tokenizers"))
     return result
 
 
-def _result(stage_dir: Path, writer: _ShardWriter, vocab_size: int, eot_id: int, seconds: float) -> StageResult:
-    """Assemble stats, dropped list and manifest entries from the per-shard records."""
-    records = writer.records()
+@dataclass
+class _Records:
+    """Every document's record, split into the encoded (`stats.parquet`) and the dropped ones."""
+
+    all: pa.Table
+    kept: pa.Table
+    dropped: pa.Table
+
+
+def _write_tables(stage_dir: Path, records: pa.Table) -> _Records:
+    """Write `stats.parquet` and `dropped.parquet` from the per-shard records."""
     kept_mask = pc.is_null(records.column("reason"))
     kept = records.filter(kept_mask).drop_columns(["reason"])
     dropped = records.filter(pc.invert(kept_mask))
-
     stats_path = stage_dir / "stats.parquet"
     with ParquetWriter(stats_path, schema=STATS_SCHEMA) as w:
         w.write(kept)
@@ -797,12 +1032,20 @@ def _result(stage_dir: Path, writer: _ShardWriter, vocab_size: int, eot_id: int,
                 [f"{n} bytes of text" for n in dropped.column("n_bytes").to_pylist()],
             )
         )
+    return _Records(records, kept, dropped)
 
+
+def _result(
+    stage_dir: Path, writer: _ShardWriter, records: _Records, vocab_size: int, eot_id: int, seconds: float
+) -> StageResult:
+    """Assemble the manifest entries, counts and metrics once every file is on disk."""
+    kept, dropped = records.kept, records.dropped
+    stats_path, dropped_path = stage_dir / "stats.parquet", stage_dir / "dropped.parquet"
     outputs = []
     extra: dict[str, Any] = {"vocab_size": vocab_size, "eot_id": eot_id, "dtype": str(token_dtype(vocab_size))}
     for split in writer.splits.values():
         files = [s for s in split.shards if s.rows]
-        outputs += [describe_file(stage_dir, stage_dir / s.path, rows=s.rows) for s in files]
+        outputs += [writer.describe(s) for s in files]
         extra[f"{split.name}_files"] = [s.path for s in files]
         extra[f"{split.name}_tokens"] = sum(s.tokens for s in files)
         in_split = pc.equal(kept.column("split"), split.name)
@@ -814,7 +1057,7 @@ def _result(stage_dir: Path, writer: _ShardWriter, vocab_size: int, eot_id: int,
 
     reasons = pc.value_counts(dropped.column("reason")).to_pylist() if dropped.num_rows else []
     counts = Counts(
-        **{"in": records.num_rows},
+        **{"in": records.all.num_rows},
         kept=kept.num_rows,
         dropped={r["values"]: r["counts"] for r in reasons},
     )

@@ -10,13 +10,17 @@ import pyarrow as pa
 import pytest
 import torch
 
+from refinery.storage.manifest import file_sha256
 from refinery.storage.shards import (
     TokenWindows,
     is_val,
     map_tokens,
     read_shard,
+    shard_schema,
     split_fraction,
     split_fractions,
+    token_shard_bytes,
+    write_shard_bytes,
     write_token_shard,
     write_token_shard_arrays,
 )
@@ -197,3 +201,24 @@ def test_arrow_ids_write_the_same_bytes_as_python_ids(tmp_path: Path) -> None:
         write_token_shard_arrays(tmp_path / f"arrow{i}.arrow", ids, values, offsets, 8192)
         assert (tmp_path / f"arrow{i}.arrow").read_bytes() == (tmp_path / "list.arrow").read_bytes()
     assert read_shard(tmp_path / "arrow0.arrow")[0] == names
+
+
+def test_shard_bytes_built_in_memory_are_the_file_arrow_writes(tmp_path: Path) -> None:
+    """The stage builds a shard's bytes in memory and hashes them there: the file and its checksum must be
+    exactly what writing the table straight to disk gives, for both token widths."""
+    ids = [f"d{i}" for i in range(50)]
+    offsets = np.concatenate([[0], np.cumsum(np.arange(50) % 7)])
+    for vocab, dtype in ((8192, np.uint16), (100_000, np.uint32)):
+        values = np.arange(offsets[-1], dtype=np.uint32) * 3 % vocab
+        direct = tmp_path / f"direct-{vocab}.arrow"
+        schema = shard_schema(vocab)
+        input_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(dtype)))
+        table = pa.table({"id": pa.array(ids), "input_ids": input_ids}, schema=schema)
+        with pa.OSFile(str(direct), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+        data = token_shard_bytes(ids, values, offsets, vocab)
+        digest = write_shard_bytes(tmp_path / f"memory-{vocab}.arrow", data)
+        assert (tmp_path / f"memory-{vocab}.arrow").read_bytes() == direct.read_bytes() == data.to_pybytes()
+        assert digest == file_sha256(direct)
+    with pytest.raises(ValueError, match="offsets"):
+        token_shard_bytes(ids, values, offsets[:-1], 8192)
