@@ -180,10 +180,13 @@ def test_killed_run_resumes_to_the_same_shards(corpus, encoded, tmp_path: Path) 
         read_shard(shard)
     assert (stage / "progress" / "state.json").is_file()
     first = (stage / "train-00000.arrow").stat()
-    run_encode(files, tokenizer, stage, CFG, progress=False)
+    result = run_encode(files, tokenizer, stage, CFG, progress=False)
     kept = (stage / "train-00000.arrow").stat()
     assert (kept.st_ino, kept.st_mtime_ns) == (first.st_ino, first.st_mtime_ns), "completed shards are kept"
     assert shard_digests(stage) == shard_digests(encoded[1])
+    # The manifest describes the adopted shards as well as those this run wrote.
+    assert {o.path: o.sha256 for o in result.outputs} == shard_digests(stage)
+    assert [o.model_dump() for o in result.outputs] == [o.model_dump() for o in encoded[0].outputs]
 
 
 def test_resume_ignores_progress_of_a_different_config(corpus, encoded, tmp_path: Path) -> None:
