@@ -21,11 +21,13 @@ UT1 domain blacklists.
   `meta` has a `url` (WARC records) on a blocked domain is dropped
   (`safety_blocked_domain`); with `check_text_urls`, URLs written in the text
   are checked too (`safety_blocked_url_in_text`).
-- Toxicity: `alt-profanity-check`'s linear model (word counts and a calibrated
-  linear SVM, shipped inside the package, no download) scores each document
-  in one vectorised call per batch; the score is the `toxicity` column and
-  `max_toxicity` decides (`safety_toxicity`), so changing it re-runs only the
-  selection.
+- Toxicity: `alt-profanity-check`'s linear model (tf-idf word counts and a
+  calibrated linear SVM, shipped inside the package, no download) scores each
+  document; the score is the `toxicity` column and `max_toxicity` decides
+  (`safety_toxicity`), so changing it re-runs only the selection. The model's
+  arrays are read from the package's files and applied with numpy and one
+  compiled loop, operation for operation as scikit-learn applies them (the
+  same scores, bit for bit), so no worker pays for importing scikit-learn.
 
 The rule family (settings, rules, which documents it judges) is `refinery.tasks.quality.safety`;
 this module holds the lists, the matching and the classifier call.
@@ -36,7 +38,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import itertools
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,6 +56,7 @@ import pyarrow.compute as pc
 from refinery.tasks.decontaminate import split_words
 
 if TYPE_CHECKING:
+    from refinery.tasks.quality._text import Words
     from refinery.tasks.quality.safety import SafetyRules
 
 DATA_DIR = Path(__file__).with_name("data")
@@ -58,27 +64,96 @@ WORD_LISTS = DATA_DIR / "badwords"
 DEFAULT_WORDS = WORD_LISTS / "en.txt"
 DEFAULT_DOMAINS = DATA_DIR / "ut1_domains.txt.gz"
 _WORD = re.compile(r"\w+")
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # the toxicity vectorizer's token pattern
 _SPACE = pa.scalar(" ", pa.large_string())
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
 
 
-def _split_words(texts: Sequence[str | None]) -> tuple[pa.Array, np.ndarray]:
-    """`decontaminate.split_words`: ASCII texts split with numpy over their bytes, the others with Arrow."""
+@dataclass
+class SafetyWords:
+    """A batch's words as `decontaminate.split_words` splits them (lower-cased runs of letters, digits, marks
+    and underscores): `dictionary[indices]` in order, the words of document i at `starts[i]:starts[i + 1]`.
+
+    Block-list and vocabulary look-ups are made once per distinct word, in `dictionary`, and spread with
+    `indices`.
+    """
+
+    dictionary: pa.Array
+    indices: np.ndarray
+    starts: np.ndarray
+    doc: np.ndarray  # the document of each word
+
+    def strings(self) -> pa.Array:
+        return self.dictionary.take(pa.array(self.indices, pa.int64()))
+
+    def lookup(self, value_set: pa.Array) -> np.ndarray:
+        """Each word's position in `value_set` (-1: not in it)."""
+        found = pc.index_in(self.dictionary, value_set=value_set).fill_null(-1)
+        return np.asarray(found.to_numpy(zero_copy_only=False), np.int64)[self.indices]
+
+
+def _split_words(texts: Sequence[str | None] | pa.Array, whitespace: Words | None = None) -> SafetyWords:
+    """`decontaminate.split_words`: ASCII texts split with numpy over their bytes, the others with Arrow.
+
+    `whitespace` is the batch's whitespace split when the caller has it: an ASCII text's words are then the
+    runs of its whitespace words (no run crosses whitespace), found once per distinct whitespace word.
+    """
     from refinery.tasks.quality._text import ascii_words  # here: the quality package imports this module
 
-    arr = pc.fill_null(pa.array(texts, pa.large_string()), "")
+    arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), pa.large_string())
+    arr = pc.fill_null(arr.cast(pa.large_string()), "")
+    n = len(arr)
     is_ascii = np.asarray(pc.string_is_ascii(arr).to_numpy(zero_copy_only=False), bool)
     fast, slow = np.flatnonzero(is_ascii), np.flatnonzero(~is_ascii)
-    words, doc = ascii_words(arr.take(pa.array(fast)))
-    doc = fast[doc]
+    if whitespace is None:
+        words, doc = ascii_words(arr.take(pa.array(fast)))
+        doc = fast[doc]
+        encoded = pc.dictionary_encode(words) if len(words) else None
+        dictionary = encoded.dictionary if encoded is not None else pa.array([], pa.large_string())
+        indices = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) if encoded else np.zeros(0, np.int64)
+    else:
+        vocab = whitespace.vocab
+        plain = np.flatnonzero(np.asarray(pc.string_is_ascii(vocab).to_numpy(zero_copy_only=False), bool))
+        runs, owner = ascii_words(vocab.take(pa.array(plain, pa.int64())))
+        encoded = pc.dictionary_encode(runs) if len(runs) else None
+        dictionary = encoded.dictionary if encoded is not None else pa.array([], pa.large_string())
+        run_ids = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64) if encoded else np.zeros(0, np.int64)
+        per_word = np.bincount(plain[owner], minlength=len(vocab)).astype(np.int64)
+        first_run = np.cumsum(per_word) - per_word
+        indices, doc = _expand_runs(whitespace.offsets, whitespace.ids, is_ascii, per_word, first_run, run_ids)
     if len(slow):
         other, starts = split_words(arr.take(pa.array(slow)).to_pylist())
-        order = np.argsort(np.concatenate([doc, np.repeat(slow, np.diff(starts))]), kind="stable")
-        words = pa.concat_arrays([words, other.cast(pa.large_string())]).take(pa.array(order))
-        doc = np.concatenate([doc, np.repeat(slow, np.diff(starts))])[order]
-    starts = np.zeros(len(texts) + 1, np.int64)
-    np.cumsum(np.bincount(doc, minlength=len(texts)), out=starts[1:])
-    return words, starts
+        other_doc = np.repeat(slow, np.diff(starts))
+        order = np.argsort(np.concatenate([doc, other_doc]), kind="stable")
+        indices = np.concatenate([indices, len(dictionary) + np.arange(len(other))])[order]
+        dictionary = pa.concat_arrays([dictionary.cast(pa.large_string()), other.cast(pa.large_string())])
+        doc = np.concatenate([doc, other_doc])[order]
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(doc, minlength=n), out=starts[1:])
+    return SafetyWords(dictionary.cast(pa.large_string()), indices, starts, doc)
+
+
+@numba.njit(cache=True, nogil=True)
+def _expand_runs(offsets, ids, is_ascii, per_word, first_run, run_ids):  # noqa: ANN001, ANN202
+    """The runs of the whitespace words of the ASCII texts, in order (`run_ids[first_run[v]:][:per_word[v]]`
+    for a word of `vocab` index v), and the text of each."""
+    total = 0  # pragma: no cover (compiled)
+    for d in range(len(offsets) - 1):
+        if is_ascii[d]:
+            for w in range(offsets[d], offsets[d + 1]):
+                total += per_word[ids[w]]
+    indices = np.empty(total, np.int64)
+    doc = np.empty(total, np.int64)
+    n = 0
+    for d in range(len(offsets) - 1):
+        if is_ascii[d]:
+            for w in range(offsets[d], offsets[d + 1]):
+                v = ids[w]
+                for r in range(first_run[v], first_run[v] + per_word[v]):
+                    indices[n] = run_ids[r]
+                    doc[n] = d
+                    n += 1
+    return indices, doc
 
 
 def bundled_word_list(code: str) -> Path:
@@ -199,48 +274,55 @@ class BlockLists:
         return BlockLists(single, ngrams, phrases, odd_filter, frozenset(domains), digest)
 
     def word_hits(
-        self, texts: Sequence[str | None], split: tuple[pa.Array, np.ndarray] | None = None
+        self, texts: Sequence[str | None], split: SafetyWords | None = None, arr: pa.Array | None = None
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Per document: block-list matches, words, and the term shown in a drop's detail.
 
-        Single words are one `is_in` over all words of the batch; phrases are searched for only in the
-        documents holding their words in sequence (one `is_in` over the batch's k-word sequences that
-        start with a phrase's first word), so the regular expression sees few documents. The term shown is
-        the first phrase found, else the earliest listed word. `split` is `_split_words(texts)` when the
-        caller has it.
+        Single words are one look-up per distinct word of the batch; phrases are searched for only in the
+        documents holding their words in sequence (one look-up of the batch's k-word sequences that start
+        with a phrase's first word), so the regular expression sees few documents. The term shown is the
+        first phrase found, else the earliest listed word. `split` is `_split_words(texts)` and `arr` the
+        texts as Arrow when the caller has them.
         """
-        words, starts = split if split is not None else _split_words(texts)
+        if split is None:
+            split = _split_words(texts if arr is None else arr)
+        starts = split.starts
         n = len(texts)
         counts = np.diff(starts)
-        doc = np.repeat(np.arange(n), counts)
+        doc = split.doc
         hits = np.zeros(n, np.int64)
         first = [""] * n
-        if self.words and len(words):
-            listed = pc.is_in(words, value_set=pa.array(sorted(self.words), pa.large_string()))
-            hit_at = np.flatnonzero(listed.to_numpy(zero_copy_only=False))
+        n_words = len(split.indices)
+        if self.words and n_words:
+            listed = split.lookup(pa.array(sorted(self.words), pa.large_string())) >= 0
+            hit_at = np.flatnonzero(listed)
             hits += np.bincount(doc[hit_at], minlength=n)
             docs, j = np.unique(doc[hit_at], return_index=True)  # each document's earliest match
-            for d, w in zip(docs.tolist(), words.take(pa.array(hit_at[j])).to_pylist(), strict=True):
+            shown = split.dictionary.take(pa.array(split.indices[hit_at[j]], pa.int64())).to_pylist()
+            for d, w in zip(docs.tolist(), shown, strict=True):
                 first[d] = w
         if self.phrases is None or not n:
             return hits, counts, first
         candidates = np.zeros(n, bool)
         for k, terms in self.ngrams.items():
-            m = len(words) - k + 1
+            m = n_words - k + 1
             if m <= 0:
                 continue
             heads = pa.array(sorted({t.split(" ", 1)[0] for t in terms}), pa.large_string())
-            starts_ok = pc.is_in(words.slice(0, m), value_set=heads).to_numpy(zero_copy_only=False)
+            starts_ok = split.lookup(heads)[:m] >= 0
             at = np.flatnonzero(starts_ok & (doc[:m] == doc[k - 1 :]))  # k words inside one document
             if not len(at):
                 continue
-            grams = words.take(pa.array(at))
+            grams = split.dictionary.take(pa.array(split.indices[at], pa.int64()))
             for j in range(1, k):
-                grams = pc.binary_join_element_wise(grams, words.take(pa.array(at + j)), _SPACE)
+                following = split.dictionary.take(pa.array(split.indices[at + j], pa.int64()))
+                grams = pc.binary_join_element_wise(grams, following, _SPACE)
             listed = pc.is_in(grams, value_set=pa.array(sorted(terms), pa.large_string()))
             candidates[doc[at[listed.to_numpy(zero_copy_only=False)]]] = True
         if self.phrase_filter:
-            arr = pc.fill_null(pa.array(texts, pa.large_string()), "")
+            if arr is None:
+                arr = pa.array(texts, pa.large_string())
+            arr = pc.fill_null(arr.cast(pa.large_string()), "")
             candidates |= pc.match_substring_regex(arr, self.phrase_filter, ignore_case=True).to_numpy(
                 zero_copy_only=False
             )
@@ -270,101 +352,238 @@ def _meta_url(meta: str | None) -> str:
 
 
 @functools.cache
-def _toxicity_model() -> tuple[Any, Any, pa.Array | None, np.ndarray]:
-    """`alt-profanity-check`'s vectorizer and model, and what the vectorised counting needs (None: unusable).
-
-    The counting below reproduces `TfidfVectorizer`'s own for the settings the shipped vectorizer has; a
-    vectorizer with other settings is only ever called through scikit-learn.
-    """
+def _toxicity_model() -> tuple[Any, Any]:
+    """`alt-profanity-check`'s vectorizer and model, loaded with scikit-learn (seconds): the reference, and the
+    path taken only when `_toxicity_params` cannot read the shipped model."""
     from profanity_check.profanity_check import model, vectorizer
 
-    params = vectorizer.get_params()
-    expected = {"analyzer": "word", "lowercase": True, "ngram_range": (1, 1), "preprocessor": None,
-                "tokenizer": None, "strip_accents": None, "token_pattern": r"(?u)\b\w\w+\b", "binary": False,
-                "use_idf": True, "sublinear_tf": False, "norm": "l2"}  # fmt: skip
-    if any(params.get(k) != v for k, v in expected.items()) or params.get("dtype") is not np.float64:
-        return vectorizer, model, None, np.empty(0, np.int64)
-    stop = vectorizer.get_stop_words() or frozenset()
-    listed = sorted((col, term) for term, col in vectorizer.vocabulary_.items() if term not in stop)
-    terms = pa.array([term for _, term in listed], pa.large_string())
-    return vectorizer, model, terms, np.array([col for col, _ in listed], np.int64)
+    return vectorizer, model
 
 
-def _ascii_counts(words: pa.Array, doc: np.ndarray, n_docs: int, terms: pa.Array, columns: np.ndarray,
-                  n_features: int) -> Any:
-    """The term-count matrix `CountVectorizer.transform` makes of ASCII texts, built with Arrow and numpy.
+class _Stub:
+    """Stands for a scikit-learn class while the shipped model is read: keeps the pickled attributes."""
 
-    On ASCII text the token pattern `\\b\\w\\w+\\b` finds the lower-cased runs of two or more `[A-Za-z0-9_]`
-    (`ascii_words`; shorter ones are never in `terms`), and stop words are not in `terms`. Entries are sorted
-    by column within each row, with the dtypes scikit-learn uses, so the tf-idf weights and scores that follow
-    are bit-for-bit its own.
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+@dataclass(frozen=True)
+class _Toxicity:
+    """The shipped classifier as arrays: tf-idf weights, then one linear SVM and sigmoid per calibration fold."""
+
+    terms: pa.Array  # the vocabulary, and the column of each term
+    columns: np.ndarray
+    vocabulary: dict[str, int]
+    idf: np.ndarray
+    coef: np.ndarray  # (folds, features)
+    intercept: np.ndarray  # (folds,)
+    a: np.ndarray  # the sigmoids' slopes and offsets, (folds,)
+    b: np.ndarray
+
+
+def _read_shipped(path: Path, classes: dict[tuple[str, str], type]) -> Any:
+    """A joblib file of the installed `profanity_check`, its scikit-learn objects read as plain attributes."""
+    from joblib.numpy_pickle import NumpyUnpickler
+
+    class Unpickler(NumpyUnpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module.split(".")[0] == "sklearn":
+                return classes.setdefault((module, name), type(name, (_Stub,), {}))
+            return super().find_class(module, name)
+
+    with path.open("rb") as f:
+        return Unpickler(str(path), f, None).load()
+
+
+@functools.cache
+def _toxicity_params() -> _Toxicity | None:
+    """The shipped model's arrays, read without importing scikit-learn (which takes seconds in every worker);
+    None when the model is not the kind `_tfidf_svm_scores` reproduces (then scikit-learn scores it).
+
+    The vectorizer's stop words are not needed: they were removed when its vocabulary was fitted, so no
+    vocabulary term is one (tests/test_quality_safety.py checks it, and the scores, against scikit-learn).
     """
-    import scipy.sparse as sp
+    import importlib.util
 
-    idx = pc.index_in(words, value_set=terms)
-    known = idx.is_valid().to_numpy(zero_copy_only=False)
-    key = doc[known] * n_features + columns[idx.drop_null().to_numpy()]
-    cells, counts = np.unique(key, return_counts=True)
-    rows = cells // n_features
-    indptr = np.zeros(n_docs + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_docs), out=indptr[1:])
-    x = sp.csr_array(
-        (counts.astype(np.intc), (cells % n_features).astype(np.int32), indptr.astype(np.int32)),
-        shape=(n_docs, n_features), dtype=np.float64,
-    )
-    x.sort_indices()
-    return x
+    spec = importlib.util.find_spec("profanity_check")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    classes: dict[tuple[str, str], type] = {}
+    try:
+        vectorizer = _read_shipped(data / "vectorizer.joblib", classes)
+        model = _read_shipped(data / "model.joblib", classes)
+        v, tfidf = vars(vectorizer), vars(vectorizer._tfidf)
+        expected = {"input": "content", "analyzer": "word", "lowercase": True, "ngram_range": (1, 1),
+                    "preprocessor": None, "tokenizer": None, "strip_accents": None, "binary": False,
+                    "token_pattern": r"(?u)\b\w\w+\b"}  # fmt: skip
+        folds = model.calibrated_classifiers_
+        ok = (
+            all(v.get(k) == x for k, x in expected.items())
+            and v.get("dtype") is np.float64
+            and (tfidf.get("norm"), tfidf.get("use_idf"), tfidf.get("sublinear_tf")) == ("l2", True, False)
+            and model.method == "sigmoid"
+            and list(model.classes_) == [0, 1]
+            and all(
+                f.method == "sigmoid" and list(f.classes) == [0, 1] and list(f.estimator.classes_) == [0, 1]
+                and len(f.calibrators) == 1 and f.estimator.coef_.shape == (1, len(tfidf["idf_"]))
+                for f in folds
+            )
+        )
+        if not ok:
+            return None
+        listed = sorted((col, term) for term, col in vectorizer.vocabulary_.items())
+        return _Toxicity(
+            terms=pa.array([term for _, term in listed], pa.large_string()),
+            columns=np.array([col for col, _ in listed], np.int64),
+            vocabulary=dict(vectorizer.vocabulary_),
+            idf=np.ascontiguousarray(tfidf["idf_"], np.float64),
+            coef=np.ascontiguousarray(np.concatenate([f.estimator.coef_ for f in folds]), np.float64),
+            intercept=np.array([f.estimator.intercept_[0] for f in folds], np.float64),
+            a=np.array([f.calibrators[0].a_ for f in folds], np.float64),
+            b=np.array([f.calibrators[0].b_ for f in folds], np.float64),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OSError, ImportError):
+        return None
 
 
-def toxicity_scores(
-    texts: Sequence[str | None] | pa.Array, split: tuple[pa.Array, np.ndarray] | None = None
-) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _score_row(columns, counts, data, idf, coef, intercept, a, b):  # noqa: ANN001, ANN202
+    """`CalibratedClassifierCV.predict_proba(TfidfTransformer.transform(counts))[:, 1]` of one row (its terms'
+    columns in increasing order and their counts), operation for operation.
+
+    Tf-idf weights (count times idf), divided by the row's L2 norm (`normalize`, a sum of squares in column
+    order); per fold, the SVM's decision (the products summed in column order, plus the intercept) and the
+    sigmoid `expit(-(a * d + b))`; the folds' probabilities summed in order and divided by their number.
+    """
+    total = 0.0  # pragma: no cover (compiled)
+    for j in range(len(columns)):
+        data[j] = np.float64(counts[j]) * idf[columns[j]]
+        total += data[j] * data[j]
+    if total != 0.0:
+        norm = math.sqrt(total)
+        for j in range(len(columns)):
+            data[j] /= norm
+    mean = 0.0
+    for f in range(coef.shape[0]):
+        decision = 0.0
+        for j in range(len(columns)):
+            decision += data[j] * coef[f, columns[j]]
+        decision = decision + intercept[f]
+        z = -(a[f] * decision + b[f])
+        p = 1.0 / (1.0 + math.exp(-z))
+        if 1.0 < p <= 1.0 + 1e-5:
+            p = 1.0
+        mean += p
+    return mean / coef.shape[0]
+
+
+@numba.njit(cache=True, nogil=True)
+def _tfidf_svm_scores(starts, columns, scored, idf, coef, intercept, a, b):  # noqa: ANN001, ANN202
+    """`_score_row` of each scored document: its words' columns (`columns[starts[d]:starts[d + 1]]`, -1 for a
+    word that is no term) counted, in increasing column order as `CountVectorizer` sorts them."""
+    scores = np.zeros(len(starts) - 1)  # pragma: no cover (compiled)
+    most = 0
+    for d in range(len(starts) - 1):
+        most = max(most, starts[d + 1] - starts[d])
+    buffer = np.empty(most, np.int64)
+    terms = np.empty(most, np.int64)
+    counts = np.empty(most, np.int64)
+    data = np.empty(most)
+    for d in range(len(starts) - 1):
+        if not scored[d]:
+            continue
+        m = 0
+        for w in range(starts[d], starts[d + 1]):
+            if columns[w] >= 0:
+                buffer[m] = columns[w]
+                m += 1
+        row = np.sort(buffer[:m])
+        k = 0
+        for j in range(m):
+            if k > 0 and terms[k - 1] == row[j]:
+                counts[k - 1] += 1
+            else:
+                terms[k] = row[j]
+                counts[k] = 1
+                k += 1
+        scores[d] = _score_row(terms[:k], counts[:k], data, idf, coef, intercept, a, b)
+    return scores
+
+
+def toxicity_scores(texts: Sequence[str | None] | pa.Array, split: SafetyWords | None = None) -> np.ndarray:
     """`alt-profanity-check`'s probability that each text is offensive, in one vectorised call; 0 for empty text.
 
-    ASCII texts (most of a web crawl's English) are counted with Arrow; scikit-learn's vectorizer, a Python
-    loop over every token, counts only the others. Both give the same matrix, so the same scores. Imported on
-    first use: loading scikit-learn and the model takes seconds, and runs with the classifier off never pay it.
-    `split` is `_split_words(texts)` when the caller has it: its words of an ASCII text are the counted ones.
+    The shipped model is read as arrays (`_toxicity_params`) and applied step by step as scikit-learn applies
+    it, so the scores are bit-for-bit its own without importing it. ASCII texts (most of a web crawl's
+    English) are split into words with numpy; the others with the vectorizer's own regular expression.
+    `split` is `_split_words(texts)` when the caller has it: its words of an ASCII text are the counted ones
+    (on ASCII, the vectorizer's tokens, `\\b\\w\\w+\\b`, are those of two characters or more).
     """
-    from sklearn.preprocessing import normalize
-
     from refinery.tasks.quality._text import ascii_words  # here: the quality package imports this module
 
-    vectorizer, model, terms, columns = _toxicity_model()
     arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), pa.large_string())
     arr = pc.fill_null(arr.cast(pa.large_string()), "")
     scores = np.zeros(len(arr), np.float64)
-    is_ascii = np.asarray(pc.string_is_ascii(arr).to_numpy(zero_copy_only=False), bool)
-    if terms is None:
-        is_ascii[:] = False
-    # Python's `str.isspace` on ASCII: tab to carriage return, the four separators \x1c-\x1f and space.
-    blank = pc.match_substring_regex(arr, r"^[\t-\r\x1c-\x20]*$").to_numpy(zero_copy_only=False)
-    fast = np.flatnonzero(is_ascii & ~blank)
-    if len(fast):
-        if split is None:
-            words, doc = ascii_words(arr.take(pa.array(fast)))
-        else:
-            row = np.full(len(arr), -1, np.int64)
-            row[fast] = np.arange(len(fast))
-            of_word = row[np.repeat(np.arange(len(arr)), np.diff(split[1]))]
-            words, doc = split[0].filter(pa.array(of_word >= 0)), of_word[of_word >= 0]
-        x = _ascii_counts(words, doc, len(fast), terms, columns, len(vectorizer.vocabulary_))
-        x.data *= vectorizer.idf_[x.indices]  # `TfidfTransformer.transform`, step by step
-        x = normalize(x, norm="l2", copy=False)
-        scores[fast] = model.predict_proba(x)[:, 1]
-    rest = np.flatnonzero(~is_ascii)
-    if len(rest):
-        values = arr.take(pa.array(rest)).to_pylist()
+    params = _toxicity_params()
+    if params is None:
+        values = arr.to_pylist()
         present = [j for j, t in enumerate(values) if t and not t.isspace()]
         if present:
-            x = vectorizer.transform([values[j] for j in present])
-            scores[rest[present]] = model.predict_proba(x)[:, 1]
+            vectorizer, model = _toxicity_model()
+            scores[present] = model.predict_proba(vectorizer.transform([values[j] for j in present]))[:, 1]
+        return scores
+    is_ascii = np.asarray(pc.string_is_ascii(arr).to_numpy(zero_copy_only=False), bool)
+    if split is None:
+        plain = np.flatnonzero(is_ascii)
+        words, doc = ascii_words(arr.take(pa.array(plain, pa.int64())))
+        encoded = pc.dictionary_encode(words)
+        indices = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        starts = np.zeros(len(arr) + 1, np.int64)
+        np.cumsum(np.bincount(plain[doc], minlength=len(arr)), out=starts[1:])
+        split = SafetyWords(encoded.dictionary, indices, starts, plain[doc])
+    word_doc = split.doc
+    # Python's `str.isspace` on ASCII: tab to carriage return, the four separators \x1c-\x1f and space. A blank
+    # text has no word; only the ASCII texts without one are looked at.
+    blank = np.zeros(len(arr), bool)
+    wordless = np.flatnonzero(is_ascii & (np.bincount(word_doc, minlength=len(arr)) == 0))
+    if len(wordless):
+        found = pc.match_substring_regex(arr.take(pa.array(wordless)), r"^[\t-\r\x1c-\x20]*$")
+        blank[wordless] = np.asarray(found.to_numpy(zero_copy_only=False), bool)
+    fast = np.flatnonzero(is_ascii & ~blank)
+    column = np.full(len(split.dictionary), -1, np.int64)
+    if len(split.dictionary):
+        idx = pc.index_in(split.dictionary, value_set=params.terms)
+        column[np.asarray(idx.is_valid().to_numpy(zero_copy_only=False), bool)] = params.columns[
+            idx.drop_null().to_numpy()
+        ]
+    cols = column[split.indices]
+    cols[~is_ascii[word_doc]] = -1  # the other texts are counted below, with the vectorizer's own pattern
+    rest = np.flatnonzero(~is_ascii).tolist()
+    others = arr.take(pa.array(rest, pa.int64())).to_pylist() if rest else []
+    present = [i for i, t in zip(rest, others, strict=True) if t and not t.isspace()]
+    if present:  # their columns take the place of their words, in document order
+        lookup = params.vocabulary.get
+        counted = {i: np.fromiter(map(lookup, _TOKEN.findall(t.lower()), itertools.repeat(-1)), np.int64)
+                   for i, t in zip(rest, others, strict=True) if t and not t.isspace()}  # fmt: skip
+        per_doc = [counted[d] if d in counted else cols[split.starts[d] : split.starts[d + 1]] for d in range(len(arr))]
+        lengths = np.array([len(c) for c in per_doc], np.int64)
+        cols = np.concatenate(per_doc) if per_doc else cols
+        starts = np.zeros(len(arr) + 1, np.int64)
+        np.cumsum(lengths, out=starts[1:])
+    else:
+        starts = split.starts
+    scored = np.zeros(len(arr), bool)
+    scored[fast] = True
+    scored[present] = True
+    found_scores = _tfidf_svm_scores(starts, cols, scored, params.idf, params.coef, params.intercept, params.a, params.b)
+    scores[scored] = found_scores[scored]
     return scores
 
 
 def safety_signals(
     texts: Sequence[str | None], metas: Sequence[str | None] | None, rules: SafetyRules,
-    arr: pa.Array | None = None,
+    arr: pa.Array | None = None, whitespace: Words | None = None,
 ) -> dict[str, pa.Array]:
     """Signal columns for a batch: block-list word matches, blocked meta URL, blocked URLs in the text, toxicity.
 
@@ -376,8 +595,8 @@ def safety_signals(
     host_col: list[str] = [""] * n
     blocked = np.zeros(n, bool)
     text_urls = np.zeros(n, np.int64)
-    split = _split_words(texts)
-    hits, words, first = lists.word_hits(texts, split)
+    split = _split_words(texts if arr is None else arr, whitespace)
+    hits, words, first = lists.word_hits(texts, split, arr)
     if metas is not None:
         for i in [i for i, m in enumerate(metas) if m and '"url"' in m]:
             url = _meta_url(metas[i])

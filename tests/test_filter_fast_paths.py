@@ -1,7 +1,7 @@
 """The filter's vectorised paths give exactly the signals of their per-document definitions.
 
 The line rules (C4, FineWeb, Gopher, code) run as Arrow kernels over the lines of simple texts and as Python
-over the others; the toxicity classifier counts ASCII texts with Arrow; lid.176 classifies a batch in one
+over the others; the toxicity classifier splits ASCII texts with numpy; lid.176 classifies a batch in one
 call, and the prose recheck skips texts whose prose view is the text itself. Each is compared here, value for
 value, with the Python definition on texts built to reach the corners: other line breaks and whitespace,
 non-ASCII letters, trailing newlines, blank lines, citations, closers, bullets, duplicated lines.
@@ -22,7 +22,6 @@ from refinery.tasks.quality import c4
 from refinery.tasks.quality._text import byte_counts
 from refinery.tasks.quality.base import Batch
 from refinery.tasks.quality.gopher_quality import _HIGH, STOP_WORDS, _unicode_word_features, _word_features
-from refinery.tasks.quality.gopher_repetition import DUP_NGRAMS, TOP_NGRAMS, _NgramKeys
 from refinery.tasks.quality.language import (
     LABEL_PREFIX,
     PROSE_RECHECK_BELOW,
@@ -144,26 +143,11 @@ def test_prose_recheck_skips_only_texts_it_would_not_change() -> None:
     assert got["lang_score"].tolist() == scores.tolist()
 
 
-def test_ngram_keys_built_step_by_step_are_the_full_computation() -> None:
-    words = Batch(pa.array(CORPUS, pa.large_string())).words
-    ids = pc.dictionary_encode(words.tokens).indices.to_numpy(zero_copy_only=False)
-    keys = _NgramKeys(ids, words)
-    for n in (*TOP_NGRAMS, *DUP_NGRAMS):
-        pos_in_doc = np.arange(len(ids)) - words.offsets[:-1][words.doc]
-        valid = np.flatnonzero(pos_in_doc <= words.counts[words.doc] - n)
-        key = (words.doc[valid].astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        for k in range(n):
-            key = (key ^ ids[valid + k].astype(np.uint64)) * np.uint64(0xBF58476D1CE4E5B9)
-            key ^= key >> np.uint64(31)
-        got, start = keys(n)
-        assert start.tolist() == valid.tolist() and got.tolist() == key.tolist()
-
-
 def test_words_split_over_bytes_are_the_regex_split() -> None:
-    words, starts = _split_words(CORPUS)
+    split = _split_words(CORPUS)
     expected, expected_starts = split_words(CORPUS)
-    assert words.to_pylist() == expected.to_pylist()
-    assert starts.tolist() == expected_starts.tolist()
+    assert split.strings().to_pylist() == expected.to_pylist()
+    assert split.starts.tolist() == expected_starts.tolist()
 
 
 def test_word_features_over_bytes_are_the_unicode_ones() -> None:

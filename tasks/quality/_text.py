@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,28 +55,63 @@ class Words:
     def per_doc_sum(self, values: np.ndarray) -> np.ndarray:
         return np.bincount(self.doc, weights=values, minlength=self.n_docs)
 
+    def sum_by_doc(self, table: np.ndarray) -> np.ndarray:
+        """Per document and column of `table` (a row per `vocab` word), the sum over the document's words:
+        `per_doc_sum(table[ids, c])` for every column c in one pass, with the same additions in the same order."""
+        return _doc_sums(self.offsets, self.ids, np.ascontiguousarray(table, np.float64))
+
+    def distinct_by_doc(self, values: np.ndarray, n_values: int) -> np.ndarray:
+        """Per document, how many distinct values in [0, n_values) its words have (`values`: one per `vocab`
+        word, -1 for none)."""
+        return _distinct_by_doc(self.offsets, self.ids, np.asarray(values, np.int64), n_values)
+
+    @functools.cached_property
+    def _encoded(self) -> tuple[pa.Array, np.ndarray]:
+        if not len(self.tokens):
+            return pa.array([], pa.large_string()), np.zeros(0, np.int64)
+        codes = pc.dictionary_encode(self.tokens)
+        return codes.dictionary.cast(pa.large_string()), codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    @property
+    def vocab(self) -> pa.Array:
+        """The distinct words of the batch, in order of first occurrence: a word's features are computed once
+        here and spread to its occurrences with `ids`, rather than once per occurrence."""
+        return self._encoded[0]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Each word's position in `vocab`."""
+        return self._encoded[1]
+
+
+@numba.njit(cache=True, nogil=True)
+def _distinct_by_doc(offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, n_values: int) -> np.ndarray:
+    out = np.zeros(len(offsets) - 1, np.int64)  # pragma: no cover (compiled)
+    seen = np.full(n_values, -1, np.int64)  # the last document each value was counted in
+    for d in range(len(offsets) - 1):
+        for w in range(offsets[d], offsets[d + 1]):
+            v = values[ids[w]]
+            if v >= 0 and seen[v] != d:
+                seen[v] = d
+                out[d] += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _doc_sums(offsets: np.ndarray, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(offsets) - 1, table.shape[1]))  # pragma: no cover (compiled)
+    for d in range(len(offsets) - 1):
+        for w in range(offsets[d], offsets[d + 1]):
+            for c in range(table.shape[1]):
+                out[d, c] += table[ids[w], c]
+    return out
+
 
 def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """`num / den` elementwise, 0 where `den` is 0 (an empty document has no fraction of anything)."""
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-
-
-def repeated(keys: np.ndarray) -> np.ndarray:
-    """Whether each key occurred earlier in `keys`: a hash table, several times faster than sorting them."""
-    import pandas as pd  # here, not at the top: importing pandas slows every worker's start
-
-    return pd.Series(keys, copy=False).duplicated(keep="first").to_numpy()
-
-
-def repeated_in_doc(values: pa.Array, doc: np.ndarray) -> np.ndarray:
-    """Whether each value occurred earlier in the same document (`find_duplicates`, for a whole batch)."""
-    if not len(values):
-        return np.zeros(0, bool)
-    codes = pc.dictionary_encode(values)
-    ids = codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return repeated(doc.astype(np.int64) * (len(codes.dictionary) + 1) + ids)
 
 
 def text_bytes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +126,18 @@ def text_bytes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def byte_counts(texts: pa.Array, marked: np.ndarray) -> np.ndarray:
     """Per text, how many of its bytes are marked in `marked` (a lookup table of 256 booleans)."""
     data, offsets = text_bytes(texts)
-    return np.diff(np.searchsorted(np.flatnonzero(marked[data]), offsets)).astype(np.int64)
+    return _byte_counts(data, offsets, np.ascontiguousarray(marked, np.int64))
+
+
+@numba.njit(cache=True, nogil=True)
+def _byte_counts(data: np.ndarray, offsets: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(offsets) - 1, np.int64)  # pragma: no cover (compiled)
+    for i in range(len(offsets) - 1):
+        n = 0
+        for k in range(offsets[i], offsets[i + 1]):
+            n += marked[data[k]]
+        out[i] = n
+    return out
 
 
 def byte_ranges(
@@ -151,10 +199,19 @@ def per_doc(doc: np.ndarray, values: np.ndarray | None, n_docs: int) -> np.ndarr
 NOT_SIMPLE = r"[^\t\n\x20-\x7e]"
 
 
+_NOT_SIMPLE_BYTE = ~ascii_table("\t\n" + "".join(map(chr, range(0x20, 0x7F))))  # every byte >= 0x80 too
+
+
 def simple_texts(texts: pa.Array) -> np.ndarray:
-    """Which texts are simple (see `NOT_SIMPLE`), as a numpy mask; a null is not."""
-    other = pc.match_substring_regex(texts, NOT_SIMPLE).fill_null(True)
-    return ~np.asarray(other.to_numpy(zero_copy_only=False), bool)
+    """Which texts are simple (see `NOT_SIMPLE`), as a numpy mask; a null is not.
+
+    A UTF-8 text matches `NOT_SIMPLE` exactly when one of its bytes is not a tab, newline or printable ASCII
+    byte (a non-ASCII character's bytes are all >= 0x80), so the bytes are counted rather than matched.
+    """
+    simple = byte_counts(texts, _NOT_SIMPLE_BYTE) == 0
+    if texts.null_count:
+        simple &= np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), bool)
+    return simple
 
 
 @dataclass
@@ -188,6 +245,70 @@ class Lines:
             pieces = pieces.filter(pa.array(keep))
             doc = doc[keep]
         return cls(docs, pieces, doc, np.bincount(doc, minlength=len(texts)).astype(np.int64), len(texts))
+
+    @functools.cached_property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per line: whether it holds a byte other than space and tab, and the positions of its first and last
+        such byte in `text_bytes(self.text)` (0 when it has none): what `str.strip` keeps of a simple line."""
+        data, offsets = text_bytes(self.text)
+        return _solid_bounds(data, offsets)
+
+
+@numba.njit(cache=True, nogil=True)
+def _solid_bounds(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(offsets) - 1  # pragma: no cover (compiled)
+    has = np.zeros(n, np.bool_)
+    first = np.zeros(n, np.int64)
+    last = np.zeros(n, np.int64)
+    for i in range(n):
+        a, b = offsets[i], offsets[i + 1]
+        while a < b and (data[a] == 32 or data[a] == 9):
+            a += 1
+        while b > a and (data[b - 1] == 32 or data[b - 1] == 9):
+            b -= 1
+        if b > a:
+            has[i], first[i], last[i] = True, a, b - 1
+    return has, first, last
+
+
+@numba.njit(cache=True, nogil=True)
+def space_after(data, k, end):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
+    """The bytes of the whitespace character (`str.isspace`) starting at byte k of UTF-8 `data`, else 0."""
+    c = data[k]
+    if c < 128:
+        return 1 if (9 <= c <= 13 or 28 <= c <= 32) else 0
+    if c == 0xC2:  # U+0085, U+00A0
+        return 2 if k + 1 < end and (data[k + 1] == 0x85 or data[k + 1] == 0xA0) else 0
+    if k + 2 >= end:
+        return 0
+    return _three_byte_space(c, data[k + 1], data[k + 2])
+
+
+@numba.njit(cache=True, nogil=True)
+def space_before(data, start, k):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
+    """The bytes of the whitespace character ending just before byte k (and not before `start`), else 0."""
+    c = data[k - 1]
+    if c < 128:
+        return 1 if (9 <= c <= 13 or 28 <= c <= 32) else 0
+    if k - 2 >= start and data[k - 2] == 0xC2 and (c == 0x85 or c == 0xA0):
+        return 2
+    if k - 3 >= start:
+        return _three_byte_space(data[k - 3], data[k - 2], c)
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _three_byte_space(c0, c1, c2):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """3 when the bytes encode U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F or U+3000, else 0."""
+    if c0 == 0xE1:
+        return 3 if c1 == 0x9A and c2 == 0x80 else 0
+    if c0 == 0xE2:
+        if c1 == 0x80 and (0x80 <= c2 <= 0x8A or c2 == 0xA8 or c2 == 0xA9 or c2 == 0xAF):
+            return 3
+        return 3 if c1 == 0x81 and c2 == 0x9F else 0
+    if c0 == 0xE3:
+        return 3 if c1 == 0x80 and c2 == 0x80 else 0
+    return 0
 
 
 def find_duplicates(items: list[str]) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow.compute as pc
 from pydantic import Field
@@ -21,12 +22,6 @@ _SENTENCE_END = re.compile(r"[.!?…]+(?=[\s\"'”’)\]]|$)")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 # What a line rule looks for besides sentences; a simple text holding none of it needs no per-line search.
 _MARKERS = "(?i:lorem ipsum|javascript|" + "|".join(_POLICY) + r")|[{\[]"
-# On simple texts (`_text.NOT_SIMPLE`): whitespace inside a line, C4's end marks, sentence marks, and what may
-# follow a sentence's mark (`_SENTENCE_END`'s look-ahead on ASCII).
-_SPACE = ascii_table(" \t")
-_END = ascii_table("".join(C4_END_PUNCT))
-_MARK = ascii_table(".!?")
-_AFTER_MARK = ascii_table(" \t\"')]")
 
 
 class C4Rules(RuleFamily):
@@ -105,44 +100,70 @@ class C4Rules(RuleFamily):
     def _simple_signals(
         self, lines: Lines, fast: np.ndarray, sentences: np.ndarray, kept_frac: np.ndarray
     ) -> None:
-        """`text_signals` for the simple texts marked `fast` at once, with numpy over their lines' bytes.
+        """`text_signals` for the simple texts marked `fast` at once, one compiled pass over their lines' bytes.
 
         Those texts hold no citation, lorem ipsum, JavaScript, policy phrase or curly bracket (`_MARKERS`), so
         a line counts when its words are short enough and many enough and it ends with a sentence's mark.
         """
         data, offsets = text_bytes(lines.text)
-        starts, ends = offsets[:-1], offsets[1:]
-        solid = np.flatnonzero(~_SPACE[data])  # the bytes `strip` keeps: each line's first and last of them
-        lo, hi = np.searchsorted(solid, starts), np.searchsorted(solid, ends)
-        has = hi > lo
-        first = np.where(has, solid[np.minimum(lo, len(solid) - 1)] if len(solid) else 0, 0)
-        last = np.where(has, solid[np.maximum(hi - 1, 0)] if len(solid) else 0, 0)
-        word_start = ~_SPACE[data] & np.concatenate([[True], _SPACE[data[:-1]]])
-        word_start[starts[starts < len(data)]] = ~_SPACE[data[starts[starts < len(data)]]]
-        n_words = np.diff(np.searchsorted(np.flatnonzero(word_start), offsets))
-        ok = n_words >= self.min_words_per_line
-        long = np.flatnonzero(has & (last - first + 1 > self.max_word_length))
-        for j in long.tolist():
-            if any(len(w) > self.max_word_length for w in data[first[j] : last[j] + 1].tobytes().split()):
-                ok[j] = False
-        if self.require_terminal_punct and not len(data):
-            ok[:] = False
-        elif self.require_terminal_punct:
-            tail = data[last]
-            dots = (last - 2 >= first) & (tail == 46) & (data[np.maximum(last - 1, 0)] == 46) & (
-                data[np.maximum(last - 2, 0)] == 46
-            )
-            ok &= has & _END[tail] & ~dots
-        # A run of [.!?] ends a sentence before a space, tab, closing quote or bracket, or at the line's end.
-        marks = np.flatnonzero(_MARK[data])
-        line_of = np.searchsorted(offsets, marks, side="right") - 1
-        nxt = data[np.minimum(marks + 1, len(data) - 1)]
-        ends_here = (marks == last[line_of]) | _AFTER_MARK[nxt]
-        found = np.bincount(line_of[ends_here], minlength=len(starts))
+        has, first, last = lines.bounds
+        per_line = _line_sentences(
+            data, offsets, has, first, last, self.min_words_per_line, self.max_word_length,
+            self.require_terminal_punct,
+        )
         n, docs = lines.n_docs, np.flatnonzero(fast)
-        sentences[docs] = per_doc(lines.doc, np.where(ok, np.maximum(1, found), 0), n)[docs].astype(np.int64)
+        sentences[docs] = per_doc(lines.doc, per_line, n)[docs].astype(np.int64)
         counts = lines.counts[docs]
-        kept = per_doc(lines.doc, ok, n)[docs]
+        kept = per_doc(lines.doc, per_line > 0, n)[docs]
         kept_frac[docs] = np.divide(kept, counts, out=np.zeros(len(docs)), where=counts > 0)
 
 
+# Byte classes of a simple line: space or tab, C4's end marks, sentence marks, and what may follow a sentence's
+# mark (`_SENTENCE_END`'s look-ahead on ASCII), as 0/1 tables the compiled pass reads without branching.
+_SPACE = ascii_table(" \t").astype(np.int64)
+_END = ascii_table("".join(C4_END_PUNCT)).astype(np.int64)
+_MARK = ascii_table(".!?").astype(np.int64)
+_AFTER_MARK = ascii_table(" \t\"')]").astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_line(data, a, b, last, space, mark, after):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """(words, longest word, sentence ends) of the line data[a:b]: runs of non-space bytes, and runs of [.!?]
+    followed by a space, tab, closing quote or bracket, or ending the stripped line (its last byte `last`)."""
+    words = longest = run = found = 0
+    prev_space = 1
+    for k in range(a, b):
+        c = data[k]
+        sp = space[c]
+        words += prev_space & (1 - sp)
+        run = (run + 1) * (1 - sp)
+        longest = max(longest, run)
+        prev_space = sp
+        if mark[c]:
+            if k == last or (k + 1 < len(data) and after[data[k + 1]]):
+                found += 1
+    return words, longest, found
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_sentences(data, offsets, has, first, last, min_words, max_word, terminal):  # noqa: ANN001, ANN202
+    """Per simple line: 0 when a line rule drops it, else its sentences (at least 1).
+
+    Words are runs of bytes other than space and tab; with `terminal`, the stripped line ends with one of
+    C4's end marks and not with "..."; sentences are counted by `_count_line`.
+    """
+    out = np.zeros(len(offsets) - 1, np.int64)  # pragma: no cover (compiled)
+    for j in range(len(offsets) - 1):
+        if terminal:
+            if not has[j]:
+                continue
+            tail = data[last[j]]
+            if not _END[tail]:
+                continue
+            if last[j] - 2 >= first[j] and tail == 46 and data[last[j] - 1] == 46 and data[last[j] - 2] == 46:
+                continue
+        words, longest, found = _count_line(data, offsets[j], offsets[j + 1], last[j], _SPACE, _MARK, _AFTER_MARK)
+        if words < min_words or longest > max_word:
+            continue
+        out[j] = max(1, found)
+    return out

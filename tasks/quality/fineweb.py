@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,10 +13,11 @@ from pydantic import Field
 from refinery.tasks.quality._text import (
     CLOSERS,
     TERMINAL_PUNCT,
+    ascii_table,
+    byte_counts,
     find_duplicates,
-    per_doc,
     ratio,
-    repeated_in_doc,
+    text_bytes,
 )
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
@@ -69,21 +71,85 @@ class FineWebRules(RuleFamily):
     def _simple_signals(
         self, batch: Batch, punct: np.ndarray, short: np.ndarray, dup_chars: np.ndarray, newline: np.ndarray
     ) -> None:
-        """`text_signals` for every simple text at once: its non-blank lines are the splitlines ones."""
+        """`text_signals` for every simple text at once: its non-blank lines are the splitlines ones.
+
+        One compiled pass over the lines: on ASCII, a line ends with a terminal mark when, less its trailing
+        spaces and tabs and then its trailing closers, it ends with one of `.!?`; a duplicated line is one
+        equal to an earlier non-blank line of its text.
+        """
         lines = batch.lines
-        blank = pc.match_substring_regex(lines.text, r"^[ \t]*$").to_numpy(zero_copy_only=False)
-        at = np.flatnonzero(~blank)
-        text, doc, n = lines.text.take(pa.array(at)), lines.doc[at], lines.n_docs
-        length = pc.binary_length(text).to_numpy(zero_copy_only=False)
-        # rstrip, rstrip(CLOSERS), then a terminal mark: on ASCII, the mark, closers, then spaces to the end
-        ends = pc.match_substring_regex(text, r"[.!?][\"')\]]*[ \t]*$").to_numpy(zero_copy_only=False)
-        count = per_doc(doc, None, n)
+        data, offsets = text_bytes(lines.text)
+        has, first, last = lines.bounds
+        count, ends, shorts, dup = _line_counts(
+            data, offsets, has, first, last, lines.doc, lines.n_docs, self.short_line_length
+        )
         docs = lines.docs[count[lines.docs] > 0]
         texts = batch.arr.take(pa.array(docs))
-        breaks = pc.count_substring(texts, "\n").to_numpy(zero_copy_only=False).astype(np.int64)
+        breaks = byte_counts(texts, _NEWLINE)
         flat_len = pc.binary_length(texts).to_numpy(zero_copy_only=False) - breaks
-        dup = per_doc(doc, np.where(repeated_in_doc(text, doc), length, 0), n)[docs]
-        punct[docs] = per_doc(doc, ends, n)[docs] / count[docs]
-        short[docs] = per_doc(doc, length <= self.short_line_length, n)[docs] / count[docs]
-        dup_chars[docs] = np.divide(dup, flat_len, out=np.zeros(len(docs)), where=flat_len > 0)
+        punct[docs] = ends[docs].astype(np.float64) / count[docs]
+        short[docs] = shorts[docs].astype(np.float64) / count[docs]
+        dup_chars[docs] = np.divide(
+            dup[docs].astype(np.float64), flat_len, out=np.zeros(len(docs)), where=flat_len > 0
+        )
         newline[docs] = breaks
+
+
+_NEWLINE = ascii_table("\n")
+
+
+@numba.njit(cache=True, nogil=True)
+def _line_counts(data, offsets, has, first, last, doc, n_docs, short_length):  # noqa: ANN001, ANN202
+    """Per document: non-blank lines, those ending with a terminal mark, short ones, and the bytes of the
+    lines equal to an earlier non-blank line of the document (lines come grouped by document, in order)."""
+    count = np.zeros(n_docs, np.int64)  # pragma: no cover (compiled)
+    ends = np.zeros(n_docs, np.int64)
+    shorts = np.zeros(n_docs, np.int64)
+    dup = np.zeros(n_docs, np.int64)
+    n = len(offsets) - 1
+    size = 2
+    while size < 2 * n:
+        size *= 2
+    slot = np.full(size, -1, np.int64)
+    used = np.empty(n, np.int64)
+    n_used = 0
+    for j in range(n):
+        if j > 0 and doc[j] != doc[j - 1]:  # a new document: empty the table
+            for u in range(n_used):
+                slot[used[u]] = -1
+            n_used = 0
+        if not has[j]:
+            continue
+        d = doc[j]
+        a, b = offsets[j], offsets[j + 1]
+        count[d] += 1
+        if b - a <= short_length:
+            shorts[d] += 1
+        q = last[j]
+        while q >= first[j] and (data[q] == 34 or data[q] == 39 or data[q] == 41 or data[q] == 93):
+            q -= 1
+        if q >= first[j] and (data[q] == 46 or data[q] == 33 or data[q] == 63):
+            ends[d] += 1
+        h = np.uint64(14695981039346656037)
+        for k in range(a, b):
+            h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+        i = np.int64((h ^ (h >> np.uint64(29))) & np.uint64(size - 1))
+        while True:
+            other = slot[i]
+            if other < 0:
+                slot[i] = j
+                used[n_used] = i
+                n_used += 1
+                break
+            c, e = offsets[other], offsets[other + 1]
+            if e - c == b - a:
+                same = True
+                for k in range(b - a):
+                    if data[c + k] != data[a + k]:
+                        same = False
+                        break
+                if same:
+                    dup[d] += b - a
+                    break
+            i = np.int64((np.uint64(i) + np.uint64(1)) & np.uint64(size - 1))
+    return count, ends, shorts, dup

@@ -87,35 +87,41 @@ class GopherQualityRules(RuleFamily):
     stop_words: list[str] = Field(default_factory=lambda: list(STOP_WORDS))
 
     def signals(self, batch: Batch) -> dict[str, Any]:
+        # Every per-word feature is a function of the word alone: computed once per distinct word of the batch
+        # (`words.vocab`) and spread to the occurrences with `words.ids`.
         words = batch.words
+        vocab = words.vocab
         stop_words = pa.array(self.stop_words, pa.string())
-        symbol, alpha, lengths, stop_idx = _word_features(words.tokens, stop_words)
-        other = np.flatnonzero(byte_counts(words.tokens, _HIGH) > 0)
+        symbol, alpha, lengths, stop_idx = _word_features(vocab, stop_words)
+        other = np.flatnonzero(byte_counts(vocab, _HIGH) > 0)
         if len(other):  # words with non-ASCII characters: Unicode classes and trimming, with Arrow
-            found = _unicode_word_features(words.tokens.take(pa.array(other)), stop_words)
+            found = _unicode_word_features(vocab.take(pa.array(other)), stop_words)
             for values, part in zip((symbol, alpha, lengths, stop_idx), found, strict=True):
                 values[other] = part
+        # `str.count` of "#", "..." and "…" (non-overlapping occurrences, never across whitespace) is the sum
+        # of their counts in the text's words.
+        table = np.zeros((len(vocab), 6))
+        table[:, 0], table[:, 1], table[:, 2] = ~symbol, np.where(symbol, 0.0, lengths), alpha
+        for c, sub in enumerate(("#", "...", "…"), start=3):
+            if len(vocab):
+                table[:, c] = pc.count_substring(vocab, sub).to_numpy(zero_copy_only=False)
+        sums = words.sum_by_doc(table)
+        n_words = sums[:, 0]
         n_all = words.counts.astype(np.float64)
-        n_words = words.per_doc_sum(~symbol)
-        hit = stop_idx >= 0
-        distinct = np.unique(words.doc[hit].astype(np.int64) * (len(self.stop_words) + 1) + stop_idx[hit])
-        n_stop = np.bincount(distinct // (len(self.stop_words) + 1), minlength=words.n_docs)
-
-        # Arrow counts non-overlapping occurrences, as `str.count` does.
-        def count(sub: str) -> np.ndarray:
-            return pc.count_substring(batch.arr, sub).to_numpy(zero_copy_only=False).astype(np.float64)
-
-        symbols = np.maximum(count("#"), count("...") + count("…"))
+        n_stop = words.distinct_by_doc(stop_idx, len(self.stop_words))
+        symbols = np.maximum(sums[:, 3], sums[:, 4] + sums[:, 5])
         bullets = np.zeros(len(batch))
         ellipsis_lines = np.zeros(len(batch))
         if batch.simple.any():  # on ASCII lines: "-" or "*" after spaces; "..." before spaces
             view = batch.lines
             docs = view.docs[view.counts[view.docs] > 0]
             count = view.counts[docs]
-            bullet = pc.match_substring_regex(view.text, r"^[ \t]*[-*]").to_numpy(zero_copy_only=False)
-            ellipsis = pc.match_substring_regex(view.text, r"\.\.\.[ \t]*$").to_numpy(zero_copy_only=False)
+            data = np.append(text_bytes(view.text)[0], np.uint8(0))  # a byte to read where a line has none
+            has, first, last = view.bounds  # each line's first and last byte other than space and tab
+            bullet = has & ((data[first] == 45) | (data[first] == 42))
+            dots = has & (last - 2 >= first) & (data[last] == 46) & (data[last - 1] == 46) & (data[last - 2] == 46)
             bullets[docs] = per_doc(view.doc, bullet, view.n_docs)[docs] / count
-            ellipsis_lines[docs] = per_doc(view.doc, ellipsis, view.n_docs)[docs] / count
+            ellipsis_lines[docs] = per_doc(view.doc, dots, view.n_docs)[docs] / count
         rest = np.flatnonzero(~batch.simple).tolist()
         texts = batch.texts if rest else []
         for i in rest:
@@ -125,10 +131,10 @@ class GopherQualityRules(RuleFamily):
                 ellipsis_lines[i] = sum(1 for s in lines if s.rstrip().endswith(("...", "…"))) / len(lines)
         return {
             "gopher_words": n_words.astype(np.int64),
-            "gopher_mean_word_length": ratio(words.per_doc_sum(np.where(symbol, 0.0, lengths)), n_words),
+            "gopher_mean_word_length": ratio(sums[:, 1], n_words),
             "gopher_symbol_word_ratio": ratio(symbols, n_all),
             "gopher_bullet_lines_frac": bullets,
             "gopher_ellipsis_lines_frac": ellipsis_lines,
-            "gopher_alpha_words_frac": ratio(words.per_doc_sum(alpha), n_all),
+            "gopher_alpha_words_frac": ratio(sums[:, 2], n_all),
             "gopher_stop_words": n_stop.astype(np.int64),
         }

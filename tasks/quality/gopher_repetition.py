@@ -1,22 +1,24 @@
-"""Gopher repetition rules (Rae et al. 2021): duplicated paragraphs, lines and word n-grams."""
+"""Gopher repetition rules (Rae et al. 2021): duplicated paragraphs, lines and word n-grams.
+
+Every signal counts within one document, so each comes from a compiled pass over that document alone: over its
+UTF-8 bytes for paragraphs and lines (equal pieces found with a hash table, then compared byte for byte), over
+its words' ids in the batch's vocabulary (`Batch.words`) for n-grams.
+"""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+import numba
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import Words, find_duplicates, per_doc, ratio, repeated, repeated_in_doc
+from refinery.tasks.quality._text import ratio, space_after, space_before, text_bytes
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 TOP_NGRAMS = (2, 3, 4)
 DUP_NGRAMS = (5, 6, 7, 8, 9, 10)
-_PARA_SPLIT = re.compile(r"\n{2,}")
-_LINE_SPLIT = re.compile(r"\n+")
 
 _RULES = (
     Rule("gopher_dup_para_frac", "gopher_dup_para_frac", "max", "max_dup_para_frac"),
@@ -30,38 +32,218 @@ _RULES = (
 )
 
 
-def _occurrences(keys: np.ndarray) -> np.ndarray:
-    """How often each key occurs in `keys`, for each position: a hash table rather than a sort."""
-    import pandas as pd  # here, not at the top: importing pandas slows every worker's start
-
-    codes, _ = pd.factorize(keys)
-    return np.bincount(codes)[codes].astype(np.int64)
+_SEED = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xBF58476D1CE4E5B9)
 
 
-class _NgramKeys:
-    """Hash keys of the word n-grams that stay inside one document, for n = 2, 3, ... in turn.
+@numba.njit(cache=True, nogil=True)
+def _find_or_add(table_key, table_count, mask, key):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """The slot of `key` in an open-addressing table (count 0: a free slot, now holding `key`)."""
+    h = (key ^ (key >> np.uint64(33))) * np.uint64(0xFF51AFD7ED558CCD)
+    j = np.int64((h ^ (h >> np.uint64(29))) & mask)
+    while table_count[j] != 0 and table_key[j] != key:
+        j = np.int64((np.uint64(j) + np.uint64(1)) & mask)
+    table_key[j] = key
+    return j
 
-    The key of an n-gram is its document's seed mixed with its words one at a time, so the keys for n are the
-    keys for n - 1 mixed with one more word: each step reuses the last, and every key is the one the full
-    computation gives.
+
+@numba.njit(cache=True, nogil=True)
+def _ngram_chars(ids, offsets, wlen, top_n, dup_n):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """Per document: characters of its most frequent n-gram times its count (n in `top_n`), and characters of
+    the words covered by a repeated n-gram (n in `dup_n`), one document at a time over its words.
+
+    An n-gram's key is its document's seed mixed with its words one at a time (the n-gram keys are the
+    (n - 1)-gram keys mixed with one more word), and n-grams are equal when their keys are. Mixing in a word
+    is one-to-one, so two (n + 1)-grams share a key only if their n-gram prefixes do (barring a 64-bit
+    collision): once no n-gram of a document repeats, no longer one does and its passes are skipped.
     """
+    n_docs = len(offsets) - 1
+    top = np.zeros((len(top_n), n_docs))
+    dup = np.zeros((len(dup_n), n_docs))
+    most = 0
+    for d in range(n_docs):
+        most = max(most, offsets[d + 1] - offsets[d])
+    size = 2
+    while size < 2 * most:
+        size *= 2
+    table_key = np.zeros(size, np.uint64)
+    table_count = np.zeros(size, np.int64)
+    keys = np.empty(most, np.uint64)
+    slot = np.empty(most, np.int64)
+    cover = np.zeros(most + 1, np.int64)
+    for d in range(n_docs):
+        a = offsets[d]
+        m = offsets[d + 1] - a
+        if m < 2:
+            continue
+        mask_size = 2
+        while mask_size < 2 * m:
+            mask_size *= 2
+        mask = np.uint64(mask_size - 1)
+        seed = (np.uint64(d) + np.uint64(1)) * _SEED
+        for s in range(m):
+            keys[s] = seed
+        built = 0
+        for n in range(2, max(top_n.max(), dup_n.max()) + 1):
+            if n > m:
+                break
+            while built < n:  # the key of the built-gram at s, for every s with a word at s + built
+                for s in range(m - built):
+                    k = (keys[s] ^ np.uint64(ids[a + s + built])) * _MIX
+                    keys[s] = k ^ (k >> np.uint64(31))
+                built += 1
+            count = m - n + 1
+            table_count[:mask_size] = 0
+            repeats = False
+            for s in range(count):
+                j = _find_or_add(table_key, table_count, mask, keys[s])
+                table_count[j] += 1
+                repeats |= table_count[j] > 1
+                slot[s] = j
+            if not repeats:  # no n-gram repeats, so no longer one does: each occurs once, the first is the top
+                for t in range(len(top_n)):
+                    if n <= top_n[t] <= m:
+                        chars = top_n[t] - 1
+                        for w in range(top_n[t]):
+                            chars += wlen[a + w]
+                        top[t, d] = np.float64(chars)
+                break
+            for t in range(len(top_n)):
+                if top_n[t] == n:
+                    best = 0
+                    at = 0
+                    for s in range(count):
+                        c = table_count[slot[s]]
+                        if c > best:
+                            best, at = c, s
+                    chars = n - 1
+                    for w in range(at, at + n):
+                        chars += wlen[a + w]
+                    top[t, d] = np.float64(best) * np.float64(chars)
+            for t in range(len(dup_n)):
+                if dup_n[t] == n:
+                    table_count[:mask_size] = 0
+                    cover[: m + 1] = 0
+                    for s in range(count):
+                        j = slot[s]
+                        if table_count[j] != 0:  # seen earlier in the document
+                            cover[s] += 1
+                            cover[s + n] -= 1
+                        table_count[j] = 1
+                    covered = 0
+                    chars = 0
+                    for w in range(m):
+                        covered += cover[w]
+                        if covered > 0:
+                            chars += wlen[a + w]
+                    dup[t, d] = np.float64(chars)
+    return top, dup
 
-    def __init__(self, ids: np.ndarray, words: Words) -> None:
-        self.ids = ids.astype(np.uint64)
-        pos_in_doc = np.arange(len(ids)) - words.offsets[:-1][words.doc]
-        self.room = words.counts[words.doc] - pos_in_doc  # words from each position to its document's end
-        self.key = (words.doc.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        self.n = 0
 
-    def __call__(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys of the n-grams and their start positions (n never smaller than the last call's)."""
-        while self.n < n:  # the key of the n-gram at s, for every s with a word at s + n - 1
-            m = len(self.ids) - self.n
-            key = (self.key[:m] ^ self.ids[self.n : self.n + m]) * np.uint64(0xBF58476D1CE4E5B9)
-            key ^= key >> np.uint64(31)
-            self.key, self.n = key, self.n + 1
-        valid = np.flatnonzero(self.room >= n)
-        return self.key[valid], valid
+@numba.njit(cache=True, nogil=True)
+def _same(data, a, b, c, e):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    if b - a != e - c:
+        return False
+    for k in range(b - a):
+        if data[a + k] != data[c + k]:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _dup_pieces(data, starts, ends, table_piece, mask):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """(pieces equal to an earlier one, characters in them) among byte ranges of UTF-8 `data`, with a table of
+    hashes; a character is a byte that does not continue a multi-byte sequence."""
+    table_piece[: np.int64(mask) + 1] = -1
+    dup = 0
+    chars = 0
+    for p in range(len(starts)):
+        a, b = starts[p], ends[p]
+        h = np.uint64(14695981039346656037)
+        for k in range(a, b):
+            h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+        j = np.int64((h ^ (h >> np.uint64(32))) & mask)
+        while True:
+            q = table_piece[j]
+            if q < 0:
+                table_piece[j] = p
+                break
+            if _same(data, starts[q], ends[q], a, b):
+                dup += 1
+                for k in range(a, b):
+                    chars += (data[k] & 0xC0) != 0x80
+                break
+            j = np.int64((np.uint64(j) + np.uint64(1)) & mask)
+    return dup, chars
+
+
+@numba.njit(cache=True, nogil=True)
+def _para_line_dups(data, offsets, docs):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """Per document of `docs` (non-empty texts): paragraphs, repeated ones and their characters, and the same
+    for lines, where the paragraphs are the pieces of `t.strip()` split at runs of two newlines or more and
+    the lines those of `t` split at runs of newlines (`re.split`: a leading or trailing run leaves an empty
+    piece). A newline byte is never part of another UTF-8 character."""
+    out = np.zeros((len(docs), 6), np.int64)
+    most = 0
+    for i in range(len(docs)):
+        most = max(most, offsets[docs[i] + 1] - offsets[docs[i]])
+    size = 2
+    while size < 2 * (most + 1):
+        size *= 2
+    table_piece = np.empty(size, np.int64)
+    starts = np.empty(most + 1, np.int64)
+    ends = np.empty(most + 1, np.int64)
+    for i in range(len(docs)):
+        lo, hi = offsets[docs[i]], offsets[docs[i] + 1]
+        n = 0
+        a = lo
+        k = lo
+        while k < hi:
+            if data[k] == 10:
+                starts[n], ends[n] = a, k
+                n += 1
+                while k < hi and data[k] == 10:
+                    k += 1
+                a = k
+            else:
+                k += 1
+        starts[n], ends[n] = a, hi
+        n += 1
+        mask_size = 2
+        while mask_size < 2 * n:
+            mask_size *= 2
+        dup, chars = _dup_pieces(data, starts[:n], ends[:n], table_piece, np.uint64(mask_size - 1))
+        out[i, 3], out[i, 4], out[i, 5] = n, dup, chars
+        while lo < hi:  # `str.strip`
+            width = space_after(data, lo, hi)
+            if not width:
+                break
+            lo += width
+        while hi > lo:
+            width = space_before(data, lo, hi)
+            if not width:
+                break
+            hi -= width
+        n = 0
+        a = lo
+        k = lo
+        while k < hi:
+            if data[k] == 10 and k + 1 < hi and data[k + 1] == 10:
+                starts[n], ends[n] = a, k
+                n += 1
+                while k < hi and data[k] == 10:
+                    k += 1
+                a = k
+            else:
+                k += 1
+        starts[n], ends[n] = a, hi
+        n += 1
+        mask_size = 2
+        while mask_size < 2 * n:
+            mask_size *= 2
+        dup, chars = _dup_pieces(data, starts[:n], ends[:n], table_piece, np.uint64(mask_size - 1))
+        out[i, 0], out[i, 1], out[i, 2] = n, dup, chars
+    return out
 
 
 class GopherRepetitionRules(RuleFamily):
@@ -91,68 +273,20 @@ class GopherRepetitionRules(RuleFamily):
         out: dict[str, np.ndarray] = {}
         para_frac, para_chars, line_frac, line_chars = (np.zeros(n_docs) for _ in range(4))
         text_len = pc.utf8_length(batch.arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
-        simple = batch.simple & (text_len > 0)
-        if simple.any():
-            docs = np.flatnonzero(simple)
-            texts = batch.arr.take(pa.array(docs))
-            # On simple texts `str.strip` is Arrow's ASCII trim, and `re.split` splits as Arrow's RE2 does.
-            for pieces, frac, chars in (
-                (pc.split_pattern_regex(pc.ascii_trim_whitespace(texts), r"\n{2,}"), para_frac, para_chars),
-                (pc.split_pattern_regex(texts, r"\n+"), line_frac, line_chars),
-            ):
-                offsets = pieces.offsets.to_numpy().astype(np.int64)
-                doc = np.repeat(docs, np.diff(offsets))
-                flat = pieces.flatten()
-                dup = repeated_in_doc(flat, doc)
-                length = pc.binary_length(flat).to_numpy(zero_copy_only=False)
-                frac[docs] = per_doc(doc, dup, n_docs)[docs] / np.diff(offsets)
-                chars[docs] = per_doc(doc, np.where(dup, length, 0), n_docs)[docs] / text_len[docs]
-        rest = np.flatnonzero(~batch.simple & (text_len > 0)).tolist()
-        values = batch.texts if rest else []
-        for i in rest:
-            t = values[i]
-            paras = _PARA_SPLIT.split(t.strip())
-            dup, chars = find_duplicates(paras)
-            para_frac[i], para_chars[i] = dup / len(paras), chars / len(t)
-            lines = _LINE_SPLIT.split(t)
-            dup, chars = find_duplicates(lines)
-            line_frac[i], line_chars[i] = dup / len(lines), chars / len(t)
+        docs = np.flatnonzero(text_len > 0)
+        if len(docs):
+            data, offsets = text_bytes(batch.arr)
+            found = _para_line_dups(data, offsets, docs).astype(np.float64)
+            para_frac[docs], para_chars[docs] = found[:, 1] / found[:, 0], found[:, 2] / text_len[docs]
+            line_frac[docs], line_chars[docs] = found[:, 4] / found[:, 3], found[:, 5] / text_len[docs]
         out.update(
             gopher_dup_para_frac=para_frac, gopher_dup_para_char_frac=para_chars,
             gopher_dup_line_frac=line_frac, gopher_dup_line_char_frac=line_chars,
         )
-        has_words = len(words.tokens) > 0
-        ids = pc.dictionary_encode(words.tokens).indices.to_numpy(zero_copy_only=False) if has_words else np.empty(0, np.int32)
-        wlen = pc.utf8_length(words.tokens).to_numpy(zero_copy_only=False).astype(np.float64) if has_words else np.empty(0)
-        cum = np.concatenate([[0.0], np.cumsum(wlen)])
-        ngram_keys = _NgramKeys(ids, words)
-        for n in TOP_NGRAMS:
-            # The most frequent n-gram's characters (words joined by spaces) times its count.
-            key, start = ngram_keys(n)
-            top = np.zeros(n_docs)
-            if len(key):
-                occ = _occurrences(key)
-                doc = words.doc[start]
-                best = np.zeros(n_docs, np.int64)
-                np.maximum.at(best, doc, occ)
-                at_best = np.flatnonzero(occ == best[doc])
-                best_doc = doc[at_best]  # in order: the first of each document's run is its earliest
-                first = np.flatnonzero(np.concatenate([[True], best_doc[1:] != best_doc[:-1]]))
-                first_doc = best_doc[first]
-                s = start[at_best[first]]
-                chars = cum[s + n] - cum[s] + (n - 1)
-                top[first_doc] = best[first_doc] * chars
-            out[f"gopher_top_{n}gram_char_frac"] = ratio(top, text_len)
-        for n in DUP_NGRAMS:
-            # Characters of the words covered by any repeated occurrence of an n-gram.
-            key, start = ngram_keys(n)
-            dup_chars = np.zeros(n_docs)
-            if len(key):
-                rs = start[repeated(key)]
-                cover = np.zeros(len(ids) + 1, np.int64)
-                np.add.at(cover, rs, 1)
-                np.add.at(cover, rs + n, -1)
-                covered = np.cumsum(cover[:-1]) > 0
-                dup_chars = words.per_doc_sum(np.where(covered, wlen, 0.0))
-            out[f"gopher_dup_{n}gram_char_frac"] = ratio(dup_chars, text_len)
+        wlen = pc.utf8_length(words.vocab).to_numpy(zero_copy_only=False).astype(np.int64)[words.ids]
+        top, dup = _ngram_chars(words.ids, words.offsets, wlen, np.array(TOP_NGRAMS), np.array(DUP_NGRAMS))
+        for t, n in enumerate(TOP_NGRAMS):  # the most frequent n-gram's characters (words joined by spaces)
+            out[f"gopher_top_{n}gram_char_frac"] = ratio(top[t], text_len)
+        for t, n in enumerate(DUP_NGRAMS):  # characters of the words covered by any repeated n-gram
+            out[f"gopher_dup_{n}gram_char_frac"] = ratio(dup[t], text_len)
         return out

@@ -99,4 +99,4 @@ class SafetyRules(RuleFamily):
         }
 
     def signals(self, batch: Batch) -> dict[str, Any]:
-        return safety_signals(batch.texts, batch.column("meta"), self, batch.arr)
+        return safety_signals(batch.texts, batch.column("meta"), self, batch.arr, batch.words)
