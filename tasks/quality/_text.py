@@ -272,6 +272,24 @@ def _solid_bounds(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np
 
 
 @numba.njit(cache=True, nogil=True)
+def same_bytes(x, a, b, y, c):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
+    """Whether x[a:b] equals y[c:c + b - a], byte for byte (the caller has checked that the lengths match)."""
+    for k in range(b - a):
+        if x[a + k] != y[c + k]:
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def fnv1a_64(data, a, b):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
+    """64-bit FNV-1a of data[a:b]: the key of the open-addressing tables that find repeated byte ranges."""
+    h = np.uint64(14695981039346656037)
+    for k in range(a, b):
+        h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+    return h
+
+
+@numba.njit(cache=True, nogil=True)
 def space_after(data, k, end):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
     """The bytes of the whitespace character (`str.isspace`) starting at byte k of UTF-8 `data`, else 0."""
     c = data[k]

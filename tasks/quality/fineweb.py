@@ -16,7 +16,9 @@ from refinery.tasks.quality._text import (
     ascii_table,
     byte_counts,
     find_duplicates,
+    fnv1a_64,
     ratio,
+    same_bytes,
     text_bytes,
 )
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
@@ -130,9 +132,7 @@ def _line_counts(data, offsets, has, first, last, doc, n_docs, short_length):  #
             q -= 1
         if q >= first[j] and (data[q] == 46 or data[q] == 33 or data[q] == 63):
             ends[d] += 1
-        h = np.uint64(14695981039346656037)
-        for k in range(a, b):
-            h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+        h = fnv1a_64(data, a, b)
         i = np.int64((h ^ (h >> np.uint64(29))) & np.uint64(size - 1))
         while True:
             other = slot[i]
@@ -142,14 +142,8 @@ def _line_counts(data, offsets, has, first, last, doc, n_docs, short_length):  #
                 n_used += 1
                 break
             c, e = offsets[other], offsets[other + 1]
-            if e - c == b - a:
-                same = True
-                for k in range(b - a):
-                    if data[c + k] != data[a + k]:
-                        same = False
-                        break
-                if same:
-                    dup[d] += b - a
-                    break
+            if e - c == b - a and same_bytes(data, c, e, data, a):
+                dup[d] += b - a
+                break
             i = np.int64((np.uint64(i) + np.uint64(1)) & np.uint64(size - 1))
     return count, ends, shorts, dup

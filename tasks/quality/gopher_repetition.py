@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import ratio, space_after, space_before, text_bytes
+from refinery.tasks.quality._text import fnv1a_64, ratio, same_bytes, space_after, space_before, text_bytes
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 TOP_NGRAMS = (2, 3, 4)
@@ -141,16 +141,6 @@ def _ngram_chars(ids, offsets, wlen, top_n, dup_n):  # noqa: ANN001, ANN202  # p
 
 
 @numba.njit(cache=True, nogil=True)
-def _same(data, a, b, c, e):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
-    if b - a != e - c:
-        return False
-    for k in range(b - a):
-        if data[a + k] != data[c + k]:
-            return False
-    return True
-
-
-@numba.njit(cache=True, nogil=True)
 def _dup_pieces(data, starts, ends, table_piece, mask):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
     """(pieces equal to an earlier one, characters in them) among byte ranges of UTF-8 `data`, with a table of
     hashes; a character is a byte that does not continue a multi-byte sequence."""
@@ -159,22 +149,45 @@ def _dup_pieces(data, starts, ends, table_piece, mask):  # noqa: ANN001, ANN202 
     chars = 0
     for p in range(len(starts)):
         a, b = starts[p], ends[p]
-        h = np.uint64(14695981039346656037)
-        for k in range(a, b):
-            h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+        h = fnv1a_64(data, a, b)
         j = np.int64((h ^ (h >> np.uint64(32))) & mask)
         while True:
             q = table_piece[j]
             if q < 0:
                 table_piece[j] = p
                 break
-            if _same(data, starts[q], ends[q], a, b):
+            if ends[q] - starts[q] == b - a and same_bytes(data, starts[q], ends[q], data, a):
                 dup += 1
                 for k in range(a, b):
                     chars += (data[k] & 0xC0) != 0x80
                 break
             j = np.int64((np.uint64(j) + np.uint64(1)) & mask)
     return dup, chars
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_dups(data, lo, hi, run, starts, ends, table_piece):  # noqa: ANN001, ANN202  # pragma: no cover (compiled)
+    """data[lo:hi] split at runs of `run` (1 or 2) newlines or more, as `re.split` does (a leading or trailing
+    run leaves an empty piece): (pieces, pieces equal to an earlier one, characters in those)."""
+    n = 0
+    a = lo
+    k = lo
+    while k < hi:
+        if data[k] == 10 and (run == 1 or (k + 1 < hi and data[k + 1] == 10)):
+            starts[n], ends[n] = a, k
+            n += 1
+            while k < hi and data[k] == 10:
+                k += 1
+            a = k
+        else:
+            k += 1
+    starts[n], ends[n] = a, hi
+    n += 1
+    mask_size = 2
+    while mask_size < 2 * n:
+        mask_size *= 2
+    dup, chars = _dup_pieces(data, starts[:n], ends[:n], table_piece, np.uint64(mask_size - 1))
+    return n, dup, chars
 
 
 @numba.njit(cache=True, nogil=True)
@@ -195,25 +208,7 @@ def _para_line_dups(data, offsets, docs):  # noqa: ANN001, ANN202  # pragma: no 
     ends = np.empty(most + 1, np.int64)
     for i in range(len(docs)):
         lo, hi = offsets[docs[i]], offsets[docs[i] + 1]
-        n = 0
-        a = lo
-        k = lo
-        while k < hi:
-            if data[k] == 10:
-                starts[n], ends[n] = a, k
-                n += 1
-                while k < hi and data[k] == 10:
-                    k += 1
-                a = k
-            else:
-                k += 1
-        starts[n], ends[n] = a, hi
-        n += 1
-        mask_size = 2
-        while mask_size < 2 * n:
-            mask_size *= 2
-        dup, chars = _dup_pieces(data, starts[:n], ends[:n], table_piece, np.uint64(mask_size - 1))
-        out[i, 3], out[i, 4], out[i, 5] = n, dup, chars
+        out[i, 3], out[i, 4], out[i, 5] = _split_dups(data, lo, hi, 1, starts, ends, table_piece)
         while lo < hi:  # `str.strip`
             width = space_after(data, lo, hi)
             if not width:
@@ -224,25 +219,7 @@ def _para_line_dups(data, offsets, docs):  # noqa: ANN001, ANN202  # pragma: no 
             if not width:
                 break
             hi -= width
-        n = 0
-        a = lo
-        k = lo
-        while k < hi:
-            if data[k] == 10 and k + 1 < hi and data[k + 1] == 10:
-                starts[n], ends[n] = a, k
-                n += 1
-                while k < hi and data[k] == 10:
-                    k += 1
-                a = k
-            else:
-                k += 1
-        starts[n], ends[n] = a, hi
-        n += 1
-        mask_size = 2
-        while mask_size < 2 * n:
-            mask_size *= 2
-        dup, chars = _dup_pieces(data, starts[:n], ends[:n], table_piece, np.uint64(mask_size - 1))
-        out[i, 0], out[i, 1], out[i, 2] = n, dup, chars
+        out[i, 0], out[i, 1], out[i, 2] = _split_dups(data, lo, hi, 2, starts, ends, table_piece)
     return out
 
 

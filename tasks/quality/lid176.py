@@ -25,6 +25,8 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from refinery.tasks.quality._text import same_bytes
+
 FILE_MAGIC = 793712314
 LABEL = b"__label__"
 EOS = b"</s>"
@@ -205,14 +207,8 @@ def _find(data, a, b, h, word_hash, word_bytes, word_offsets, slots):  # noqa: A
         w = slots[j]
         if word_hash[w] == h:
             s, e = word_offsets[w], word_offsets[w + 1]
-            if e - s == b - a:
-                same = True
-                for k in range(b - a):
-                    if word_bytes[s + k] != data[a + k]:
-                        same = False
-                        break
-                if same:
-                    return w
+            if e - s == b - a and same_bytes(word_bytes, s, e, data, a):
+                return w
         j = (j + 1) & mask
     return -1
 
