@@ -5,9 +5,12 @@ words, looks every character n-gram up in a hash map (the compressed model keeps
 buckets) and decodes each row from its product-quantised form. Here the model is read once from the same
 `lid.176.ftz`: its rows are decoded into one float32 table, the kept buckets into a flat bucket-to-row array, and
 one compiled loop (numba, without the GIL, so threads split a batch) walks the UTF-8 bytes of every text of the
-batch in place. Every step repeats fastText's arithmetic in the same order and precision (FNV-1a over signed
-chars, n-grams of 2-4 characters of `<word>`, the float32 sum of rows divided by their count, the hierarchical
-softmax walked depth first with its pruning), so the labels and probabilities are those of `fasttext`'s
+batch in place. Words repeat, so the loop finds each distinct word's rows (its dictionary row and its kept
+n-grams, the costly part: hashing ~15 n-grams and reading an 8 MB bucket table) once per call and keeps their
+ids in a small cache, then adds the rows one at a time wherever the word occurs, as fastText does. Every step
+repeats fastText's arithmetic in the same order and precision (FNV-1a over signed chars, n-grams of 2-4
+characters of `<word>`, the float32 sum of rows divided by their count, the hierarchical softmax walked depth
+first with its pruning), so the labels and probabilities are those of `fasttext`'s
 `predict(text + "\\n", 1, 0.0)`; tests/test_lid176.py compares them on random Unicode and real documents.
 """
 
@@ -32,7 +35,16 @@ LABEL = b"__label__"
 EOS = b"</s>"
 HS_LOSS = 1  # fastText's loss_name::hs
 SUPERVISED = 3  # model_name::sup
-MIN_THREAD_DOCS = 512  # below this many texts a batch is classified on the calling thread alone
+# Texts per thread at least: each thread keeps its own word cache, which pays off over many texts (and the
+# filter stage already computes batches on several threads).
+MIN_THREAD_DOCS = 8192
+# The word cache of one `_classify` call (see `_word_rows`): at most this many table slots (rounded down to a
+# power of two, half of them used at most: 4 MiB) and this many cached input-row ids (4 MiB). Past either,
+# words are still classified, just not cached.
+CACHE_SLOTS = 1 << 17
+CACHE_IDS = 1 << 20
+# What a word does: adds its rows, is skipped (a label), or adds the row of "</s>" and ends the line.
+WORD, SKIP, END = 0, 1, 2
 
 
 def _cpus() -> int:
@@ -214,11 +226,11 @@ def _find(data, a, b, h, word_hash, word_bytes, word_offsets, slots):  # noqa: A
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_ngrams(data, a, b, hidden, rows, bucket_rows, minn, maxn):  # noqa: ANN001, ANN202
-    """Dictionary::computeSubwords over `<` + data[a:b] + `>`: add each kept n-gram's row; how many were added."""
+def _subword_rows(data, a, b, bucket_rows, minn, maxn, ids, at):  # noqa: ANN001, ANN202
+    """Dictionary::computeSubwords over `<` + data[a:b] + `>`: each kept n-gram's row, written from ids[at];
+    where they end."""
     length = b - a + 2
     nbuckets = np.uint32(len(bucket_rows))
-    added = 0
     for i in range(length):
         c = np.uint8(60) if i == 0 else (np.uint8(62) if i == length - 1 else data[a + i - 1])
         if (c & 0xC0) == 0x80:
@@ -239,11 +251,69 @@ def _add_ngrams(data, a, b, hidden, rows, bucket_rows, minn, maxn):  # noqa: ANN
             if n >= minn and not (n == 1 and (i == 0 or j == length)):
                 r = bucket_rows[h % nbuckets]
                 if r >= 0:
-                    for d in range(hidden.shape[0]):
-                        hidden[d] += rows[r, d]
-                    added += 1
+                    ids[at] = r
+                    at += 1
             n += 1
-    return added
+    return at
+
+
+@numba.njit(cache=True, nogil=True)
+def _word_rows(  # noqa: ANN202
+    data, a, b, h, bucket_rows, word_hash, word_bytes, word_offsets, slots,  # noqa: ANN001
+    nwords, eos, minn, maxn, label_prefix, ids, at,  # noqa: ANN001
+):
+    """What the word data[a:b] (FNV-1a `h`) does to the hidden vector: (kind, end), its rows in ids[at:end].
+
+    The rows are those fastText adds, in its order: the word's own row if it is in the dictionary, then its
+    kept n-grams. They depend on the word's bytes alone, so `_classify` computes them once per distinct word
+    and adds them again, one row at a time, wherever the word repeats: the float32 sums stay fastText's.
+    """
+    w = _find(data, a, b, h, word_hash, word_bytes, word_offsets, slots)
+    if w >= nwords:  # a label of the model: not a word
+        return SKIP, at
+    if w < 0 and b - a >= len(label_prefix):
+        is_label = True
+        for q in range(len(label_prefix)):
+            if data[a + q] != label_prefix[q]:
+                is_label = False
+                break
+        if is_label:  # fastText reads any token starting with __label__ as a label
+            return SKIP, at
+    if w >= 0:
+        ids[at] = w
+        at += 1
+        if w == eos:  # "</s>" inside the text ends fastText's line there
+            return END, at
+    return WORD, _subword_rows(data, a, b, bucket_rows, minn, maxn, ids, at)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cached(table, data, a, length, key):  # noqa: ANN001, ANN202
+    """The slot of the word data[a:a + length] (key: length << 32 | hash) in the cache table, or the empty
+    slot where it would go."""
+    mask = len(table) - 1
+    j = key & mask
+    while table[j, 0] != -1:
+        s = table[j, 0]
+        if table[j, 1] == key and same_bytes(data, s, s + length, data, a):
+            return j
+        j = (j + 1) & mask
+    return j
+
+
+@numba.njit(cache=True, nogil=True)
+def _grown(table):  # noqa: ANN001, ANN202
+    """The cache table with twice the slots, its entries placed again: a call starts small and grows as it
+    meets new words, so the slots of the words in use stay close together in the CPU caches."""
+    bigger = np.full((2 * len(table), table.shape[1]), -1, np.int64)
+    mask = len(bigger) - 1
+    for i in range(len(table)):
+        if table[i, 0] != -1:
+            j = table[i, 1] & mask
+            while bigger[j, 0] != -1:
+                j = (j + 1) & mask
+            bigger[j] = table[i]
+    return bigger
 
 
 @numba.njit(cache=True, nogil=True)
@@ -285,10 +355,27 @@ def _best_leaf(root, hidden, out, left, right, osz, floor, nodes, scores):  # no
 @numba.njit(cache=True, nogil=True)
 def _classify(  # noqa: ANN202
     data, offsets, lo, hi, rows, bucket_rows, word_hash, word_bytes, word_offsets, slots, out, left, right,  # noqa: ANN001
-    nwords, eos, minn, maxn, label_prefix, eos_bytes, leaf, prob, spaced,  # noqa: ANN001
+    nwords, eos, minn, maxn, label_prefix, eos_bytes, leaf, prob, spaced, cache_slots, cache_ids,  # noqa: ANN001
 ):
-    """Classify texts lo..hi-1 of an Arrow string buffer as fastText's predictLine on `text + "\\n"` would."""
+    """Classify texts lo..hi-1 of an Arrow string buffer as fastText's predictLine on `text + "\\n"` would.
+
+    Words repeat (most of a text's words are among a few thousand), so each distinct word's rows are found
+    once per call and kept in a cache: an open-addressing table over the word's length and hash, at most
+    half full and of at most `cache_slots` slots, each holding (start of the word's first occurrence in
+    `data`, key, first id, id count * 4 + kind), and a buffer of at most `cache_ids` row ids. A full cache
+    only stops caching: the results never depend on its size.
+    """
     dim = rows.shape[1]
+    nsub = max(0, maxn - minn + 1)  # n-gram lengths per character
+    nbytes = offsets[hi] - offsets[lo]
+    nslots = 2
+    while 2 * nslots <= min(1024, cache_slots, nbytes):  # small at first: grown up to cache_slots as needed
+        nslots *= 2
+    table = np.full((nslots, 4), -1, np.int64)
+    entries = 0
+    ids = np.empty(min(cache_ids, (2 * nsub + 1) * nbytes + 16), np.int32)
+    used = 0
+    scratch = np.empty(0, np.int32)  # the rows of a word that does not fit in `ids`
     osz = (left.shape[0] + 1) // 2
     floor = np.float32(math.log(np.float64(np.float32(0.0)) + 1e-5))
     hidden = np.empty(dim, np.float32)
@@ -315,31 +402,42 @@ def _classify(  # noqa: ANN202
                 k += 1
                 continue
             a = k
+            h = np.uint32(2166136261)
             while k < stop and not _is_space(data[k]):
+                h = _step(h, data[k])
                 k += 1
             b = k
-            h = np.uint32(2166136261)
-            for q in range(a, b):
-                h = _step(h, data[q])
-            w = _find(data, a, b, h, word_hash, word_bytes, word_offsets, slots)
-            if w >= nwords:  # a label of the model: not a word
+            key = np.int64(b - a) << 32 | np.int64(h)
+            slot = _cached(table, data, a, b - a, key)
+            if table[slot, 0] != -1:  # seen before in this call
+                first, kind = table[slot, 2], table[slot, 3] & 3
+                end, buf = first + (table[slot, 3] >> 2), ids
+            else:
+                bound = 1 + nsub * (b - a + 2)  # the most rows a word of b - a bytes can have
+                fits = used + bound <= len(ids)
+                if not fits and len(scratch) < bound:
+                    scratch = np.empty(max(bound, 2 * len(scratch)), np.int32)
+                buf, first = (ids, used) if fits else (scratch, 0)
+                kind, end = _word_rows(data, a, b, h, bucket_rows, word_hash, word_bytes, word_offsets, slots,
+                                       nwords, eos, minn, maxn, label_prefix, buf, first)
+                if fits and 2 * (entries + 1) > len(table) and 2 * len(table) <= cache_slots:
+                    table = _grown(table)
+                    slot = _cached(table, data, a, b - a, key)
+                if fits and 2 * (entries + 1) <= len(table):  # in the cache's buffer, with room: keep it
+                    table[slot, 0], table[slot, 1], table[slot, 2] = a, key, first
+                    table[slot, 3] = (end - first) * 4 + kind
+                    used = end
+                    entries += 1
+            if kind == SKIP:
                 continue
-            if w < 0 and b - a >= len(label_prefix):
-                is_label = True
-                for q in range(len(label_prefix)):
-                    if data[a + q] != label_prefix[q]:
-                        is_label = False
-                        break
-                if is_label:  # fastText reads any token starting with __label__ as a label
-                    continue
-            if w >= 0:
+            for i in range(first, end):  # one row at a time, in fastText's order: the same float32 sums
+                r = buf[i]
                 for d in range(dim):
-                    hidden[d] += rows[w, d]
-                count += 1
-                if w == eos:  # "</s>" inside the text ends fastText's line there
-                    ended = True
-                    break
-            count += _add_ngrams(data, a, b, hidden, rows, bucket_rows, minn, maxn)
+                    hidden[d] += rows[r, d]
+            count += end - first
+            if kind == END:
+                ended = True
+                break
         if not ended:
             for d in range(dim):
                 hidden[d] += rows[eos, d]
@@ -358,11 +456,16 @@ def lid176_model(path: Path) -> Lid176:
     return load_lid176(path)
 
 
-def classify(model: Lid176, texts: pa.Array, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def classify(
+    model: Lid176, texts: pa.Array, threads: int | None = None, cache_slots: int = CACHE_SLOTS,
+    cache_ids: int = CACHE_IDS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leaf index (-1: no label), float32 probability and a word flag per text (a string array without nulls).
 
     The flag is 1 where the text has a non-space ASCII character, 2 where it has none but has non-ASCII
-    bytes (a Unicode space or a word: the caller decides), 0 where it is only ASCII whitespace.
+    bytes (a Unicode space or a word: the caller decides), 0 where it is only ASCII whitespace. `cache_slots`
+    and `cache_ids` bound each thread's word cache: they change the speed, never the result (tests shrink
+    them).
     """
     texts = texts.cast(pa.large_string())
     n = len(texts)
@@ -376,7 +479,7 @@ def classify(model: Lid176, texts: pa.Array, threads: int | None = None) -> tupl
     data = np.frombuffer(data_buf, np.uint8) if data_buf is not None and data_buf.size else np.zeros(1, np.uint8)
     args = (model.rows, model.bucket_rows, model.word_hash, model.word_bytes, model.word_offsets, model.slots,
             model.out, model.left, model.right, model.nwords, model.eos, model.minn, model.maxn,
-            _LABEL_PREFIX, _EOS_BYTES, leaf, prob, spaced)
+            _LABEL_PREFIX, _EOS_BYTES, leaf, prob, spaced, cache_slots, cache_ids)
     threads = threads or min(MAX_THREADS, max(1, n // MIN_THREAD_DOCS))
     if threads <= 1:
         _classify(data, offsets, 0, n, *args)
