@@ -24,33 +24,46 @@ class Words:
 
     Words are whitespace-separated tokens, as in the Gopher paper (a token like "end." is one word that
     contains letters), not the output of a linguistic tokenizer that splits punctuation into words of its own.
+    The batch's distinct words are `vocab` (in order of first occurrence), the words in order `vocab[ids]`,
+    those of document i at `offsets[i]:offsets[i + 1]`.
     """
 
-    tokens: pa.Array
+    vocab: pa.Array
+    ids: np.ndarray
     doc: np.ndarray
     counts: np.ndarray
     offsets: np.ndarray
     n_docs: int
+    ascii: np.ndarray  # which texts are ASCII (a null text is), found by the same pass
+    vocab_ascii: np.ndarray  # which `vocab` words are
 
     @classmethod
     def split(cls, texts: pa.Array) -> Words:
-        """Split on Unicode whitespace like Python's `str.split()`: leading or trailing whitespace makes no word.
+        """Split on Unicode whitespace like Python's `str.split()` (the 29 characters of `str.isspace`, those
+        of Arrow's `utf8_split_whitespace` too): leading or trailing whitespace makes no word, a null text none.
 
-        Arrow's kernel yields an empty token for whitespace at either end of a text; those are removed here, so
-        a document's word count does not depend on whether it ends with a newline.
+        One compiled pass over the bytes finds the words and numbers the distinct ones in a hash table, so a
+        word's features are computed once per distinct word (`vocab`) and spread with `ids`.
         """
-        lists = pc.utf8_split_whitespace(texts)
-        offsets = lists.offsets.to_numpy().astype(np.int64)
-        offsets -= offsets[0]
-        doc = np.repeat(np.arange(len(texts)), np.diff(offsets))
-        tokens = lists.flatten()
-        nonempty = pc.greater(pc.binary_length(tokens), 0).to_numpy(zero_copy_only=False)
-        if not nonempty.all():
-            tokens = tokens.filter(pa.array(nonempty))
-            doc = doc[nonempty]
-        counts = np.bincount(doc, minlength=len(texts)).astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(tokens, doc, counts, offsets, len(texts))
+        data, offsets = text_bytes(texts)
+        valid = (
+            np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), np.bool_)
+            if texts.null_count
+            else np.ones(len(texts), np.bool_)
+        )
+        ids, counts, vocab_data, vocab_offsets, ascii, vocab_ascii = _split_whitespace(data, offsets, valid)
+        vocab = pa.LargeStringArray.from_buffers(
+            len(vocab_offsets) - 1, pa.py_buffer(vocab_offsets), pa.py_buffer(vocab_data)
+        )
+        word_offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(counts, out=word_offsets[1:])
+        doc = np.repeat(np.arange(len(texts)), counts)
+        return cls(vocab, ids, doc, counts, word_offsets, len(texts), ascii, vocab_ascii)
+
+    @functools.cached_property
+    def tokens(self) -> pa.Array:
+        """The words in order, as strings."""
+        return self.vocab.take(pa.array(self.ids, pa.int64()))
 
     def per_doc_sum(self, values: np.ndarray) -> np.ndarray:
         return np.bincount(self.doc, weights=values, minlength=self.n_docs)
@@ -65,23 +78,99 @@ class Words:
         word, -1 for none)."""
         return _distinct_by_doc(self.offsets, self.ids, np.asarray(values, np.int64), n_values)
 
-    @functools.cached_property
-    def _encoded(self) -> tuple[pa.Array, np.ndarray]:
-        if not len(self.tokens):
-            return pa.array([], pa.large_string()), np.zeros(0, np.int64)
-        codes = pc.dictionary_encode(self.tokens)
-        return codes.dictionary.cast(pa.large_string()), codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
-    @property
-    def vocab(self) -> pa.Array:
-        """The distinct words of the batch, in order of first occurrence: a word's features are computed once
-        here and spread to its occurrences with `ids`, rather than once per occurrence."""
-        return self._encoded[0]
-
-    @property
-    def ids(self) -> np.ndarray:
-        """Each word's position in `vocab`."""
-        return self._encoded[1]
+@numba.njit(cache=True, nogil=True)
+def _split_whitespace(data, offsets, valid):  # noqa: ANN001, ANN202
+    """The whitespace words of each valid text data[offsets[i]:offsets[i + 1]]: each word's id among the
+    distinct words (numbered in order of first occurrence), the words per text, and the distinct words' bytes
+    and offsets (a string array's buffers); which texts, and which distinct words, are ASCII."""
+    n = len(offsets) - 1  # pragma: no cover (compiled)
+    counts = np.zeros(n, np.int64)
+    ascii = np.ones(n, np.bool_)
+    bound = (offsets[n] - offsets[0] + n) // 2 + 1  # a text of b bytes holds (b + 1) // 2 words at most
+    ids = np.empty(bound, np.int64)
+    hashes = np.empty(bound, np.uint64)  # of each distinct word, where it first occurs, and its end
+    first = np.empty(bound, np.int64)
+    last = np.empty(bound, np.int64)
+    vocab_ascii = np.empty(bound, np.bool_)
+    size = 4096
+    slots = np.full(size, -1, np.int64)
+    n_vocab = 0
+    vocab_bytes = 0
+    w = 0
+    basis = np.uint64(14695981039346656037)  # FNV-1a (`fnv1a_64`), computed along the scan
+    prime = np.uint64(1099511628211)
+    for i in range(n):
+        if not valid[i]:
+            continue
+        end = offsets[i + 1]
+        start = -1  # the start of the word being read, -1 between words
+        h = basis
+        skip = 0  # the bytes left of a multi-byte whitespace character
+        high = np.uint8(0)  # the bytes of the word being read, or-ed: >= 128 when it is not ASCII
+        for k in range(offsets[i], end + 1):  # the end of the text reads as whitespace
+            if skip:
+                skip -= 1
+                continue
+            if k == end:
+                step = 1
+            else:
+                c = data[k]
+                if c < 128:
+                    step = 1 if (9 <= c <= 13 or 28 <= c <= 32) else 0
+                else:
+                    ascii[i] = False
+                    # the lead bytes of the other whitespace characters
+                    step = space_after(data, k, end) if c == 0xC2 or 0xE1 <= c <= 0xE3 else 0
+                if step == 0:
+                    if start < 0:
+                        start = k
+                        h = basis
+                        high = np.uint8(0)
+                    h = (h ^ np.uint64(c)) * prime
+                    high |= c
+                    continue
+            skip = step - 1
+            if start < 0:
+                continue
+            # a word ends at k: find it among the distinct words, or add it
+            j = np.int64((h ^ (h >> np.uint64(32))) & np.uint64(size - 1))
+            v = -1
+            while slots[j] >= 0:
+                u = slots[j]
+                if hashes[u] == h and last[u] - first[u] == k - start and same_bytes(data, start, k, data, first[u]):
+                    v = u
+                    break
+                j = (j + 1) & (size - 1)
+            if v < 0:
+                v = n_vocab
+                slots[j] = v
+                hashes[v], first[v], last[v] = h, start, k
+                vocab_ascii[v] = high < 128
+                vocab_bytes += k - start
+                n_vocab += 1
+                if 2 * n_vocab > size:  # grow the table, placing the words again by their hashes
+                    size *= 2
+                    slots = np.full(size, -1, np.int64)
+                    for u in range(n_vocab):
+                        g = hashes[u]
+                        j = np.int64((g ^ (g >> np.uint64(32))) & np.uint64(size - 1))
+                        while slots[j] >= 0:
+                            j = (j + 1) & (size - 1)
+                        slots[j] = u
+            ids[w] = v
+            w += 1
+            counts[i] += 1
+            start = -1
+    vocab_data = np.empty(vocab_bytes, np.uint8)
+    vocab_offsets = np.zeros(n_vocab + 1, np.int64)
+    b = 0
+    for v in range(n_vocab):
+        for q in range(first[v], last[v]):
+            vocab_data[b] = data[q]
+            b += 1
+        vocab_offsets[v + 1] = b
+    return ids[:w].copy(), counts, vocab_data, vocab_offsets, ascii, vocab_ascii[:n_vocab].copy()
 
 
 @numba.njit(cache=True, nogil=True)

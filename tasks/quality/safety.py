@@ -99,4 +99,5 @@ class SafetyRules(RuleFamily):
         }
 
     def signals(self, batch: Batch) -> dict[str, Any]:
-        return safety_signals(batch.texts, batch.column("meta"), self, batch.arr, batch.words)
+        # the Arrow texts, not `batch.texts`: only the few documents a phrase or URL may be in become `str`
+        return safety_signals(batch.arr, batch.column("meta"), self, batch.arr, batch.words)
