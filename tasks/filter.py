@@ -4,10 +4,11 @@ The rule families are registered in `refinery.tasks.quality.FAMILIES`; this stag
 that list, so it names no family itself.
 
 Step 1 (signals, cached): every enabled rule family's signals are computed
-once per document and written to `signals-NNNNN.parquet`, one per input file.
+once per document it judges (null for the others: C4's rules, say, judge web
+pages only) and written to `signals-NNNNN.parquet`, one per input file.
 `signals.key.json` records the input files' checksums and, per enabled family,
-the settings that change signals; when both match, the step is skipped, so
-changing only a threshold re-runs only step 2.
+the settings that change signals and the document kinds it judges; when they
+match, the step is skipped, so changing only a threshold re-runs only step 2.
 
 Step 2 (selection): each document is compared with the thresholds of the
 families in registry order (decontamination and safety first, on every format);
@@ -17,8 +18,9 @@ or all documents. Each document has a kind, from its format or its source
 brings: text, Markdown, PDF, office files) or `code`; a kind's profile
 (`profiles`) switches families off or moves thresholds for that kind only, so
 the web-crawl rules of C4 and FineWeb judge web pages, not a user's own
-documentation. Profiles are selection settings: changing one re-runs only
-step 2. Kept documents carry
+documentation. A profile's thresholds are selection settings: changing one
+re-runs only step 2 (switching a family on or off for a kind recomputes its
+signals). Kept documents carry
 `lang`, `lang_score` and the signal columns, with PII replaced by placeholders;
 dropped ones go to `dropped.parquet`. `drop_reasons.png` charts the drops by reason.
 """
@@ -63,8 +65,9 @@ from refinery.tasks.quality.secrets import may_hold_secrets
 
 STAGE = "filter"
 SIGNALS_KEY = "signals.key.json"
-SIGNALS_VERSION = 5  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default;
-# 4: prose recheck; 5: the recheck only where it can change a decision (a kept document's lang_score may be lower)
+SIGNALS_VERSION = 6  # 2: words as str.split() gives them (no empty token at either end); 3: lid.176 by default;
+# 4: prose recheck; 5: the recheck only where it can change a decision (a kept document's lang_score may be lower);
+# 6: a family's signals only for the documents it judges (null elsewhere)
 CHART = "drop_reasons.png"
 MAX_SIGNAL_THREADS = 4  # in-process signal threads: beyond a few, the GIL-bound parts only wait for each other
 
@@ -83,6 +86,7 @@ class BaseFilterConfig(BaseModel):
         source_kinds: dict[str, Kind]
         profiles: dict[Kind, dict[str, dict[str, Any]]]
         batch_size: int
+        batch_bytes: int
 
     def families(self) -> dict[str, RuleFamily]:
         """The enabled rule families, by name, in the order their rules are checked."""
@@ -152,12 +156,35 @@ class BaseFilterConfig(BaseModel):
             out["language"] = lang.decisive_recheck([f.threshold for f in judged], [f.languages for f in judged])
         return out
 
+    def judged_kinds(self) -> dict[str, tuple[str, ...]]:
+        """Per enabled family, the document kinds it judges (its `applies_to`, its profiles): its signals are
+        computed for documents of those kinds only."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name, family in self.families().items():
+            fits = {"prose": ("web", "document"), "code": ("code",), "all": KINDS}[family.applies_to]
+            out[name] = tuple(k for k in fits if self.for_kind(name, k) is not None)
+        return out
+
+    def judged_rows(self, kinds: np.ndarray) -> dict[str, np.ndarray]:
+        """Per family that does not judge every kind, which of the documents of `kinds` it judges."""
+        return {name: np.isin(kinds, judged) for name, judged in self.judged_kinds().items() if judged != KINDS}
+
     def signal_key(self) -> dict[str, Any]:
-        """What the cached signals depend on besides the input: enabled families and their signal settings."""
-        return {name: rules.signal_params() for name, rules in self.signal_families().items()}
+        """What the cached signals depend on besides the input: enabled families, their signal settings, and
+        which documents each computes for (the kinds it judges, and what decides a document's kind)."""
+        key: dict[str, Any] = {
+            "families": {name: rules.signal_params() for name, rules in self.signal_families().items()}
+        }
+        partial = {name: list(judged) for name, judged in self.judged_kinds().items() if judged != KINDS}
+        if partial:
+            key["judged"] = partial
+            key["kinds"] = {"code_formats": sorted(self.code_formats), "document_formats": sorted(self.document_formats),
+                            "source_kinds": dict(sorted(self.source_kinds.items()))}
+        return key
 
 
 Kind = Literal["web", "document", "code"]
+KINDS: tuple[str, ...] = ("web", "document", "code")
 # Formats a user brings rather than crawls: judged by the `document` profile.
 DOCUMENT_FORMATS = ("text", "markdown", "rst", "pdf", "docx", "pptx", "odt", "rtf", "epub", "image")
 # The `document` profile: C4's and FineWeb's rules were fitted to web crawls (five sentences, no curly
@@ -249,7 +276,14 @@ def filter_config_model(families: Sequence[type[RuleFamily]]) -> type[BaseFilter
             Field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PROFILES)),
                   description="per kind: family -> settings that replace the family's for documents of that kind"),
         ),
-        "batch_size": (int, Field(2000, ge=1)),
+        "batch_size": (
+            int,
+            Field(10_000, ge=1, description="documents per batch at most: words and their look-ups are shared in a batch"),
+        ),
+        "batch_bytes": (
+            int,
+            Field(32 * 2**20, ge=1, description="and about this much text per batch at most, for long documents"),
+        ),
     }
     sections: dict[str, Any] = {}
     for family in families:
@@ -298,8 +332,9 @@ def _signals_batch(
     texts: pa.Array,
     families: Mapping[str, RuleFamily],
     inputs: Mapping[str, pa.Array] | None = None,
+    judged: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[int, pa.Table]:
-    columns = {"id": ids, **compute_signals(texts, families, inputs)}
+    columns = {"id": ids, **compute_signals(texts, families, inputs, judged)}
     return file_index, pa.table(columns)
 
 
@@ -334,18 +369,37 @@ def signal_batches(
     files = [_signals_path(stage_dir, i) for i in range(len(input_files))]
     if key_path.is_file() and all(f.is_file() for f in files):
         if json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
-            return True, _cached_batches(input_files, files, cfg.batch_size)
+            return True, _cached_batches(input_files, files, cfg)
     key_path.unlink(missing_ok=True)  # the old cache no longer describes the files about to be written
     return False, _computed_batches(input_files, stage_dir, cfg, executor, key)
 
 
+def batch_rows(path: Path, cfg: BaseFilterConfig) -> int:
+    """Documents per batch for one input file: `batch_size`, fewer where its texts average more than
+    `batch_bytes / batch_size` bytes (read from the Parquet footer, so nothing is scanned).
+
+    Large batches make the shared work cheap (each distinct word of a batch is split, looked up and scored
+    once), and the byte bound keeps a batch of long documents within memory.
+    """
+    meta = pq.ParquetFile(path).metadata
+    rows = meta.num_rows
+    if not rows:
+        return cfg.batch_size
+    names = [meta.schema.column(j).path for j in range(meta.num_columns)]
+    if "text" not in names:
+        return cfg.batch_size
+    j = names.index("text")
+    text_bytes = sum(meta.row_group(g).column(j).total_uncompressed_size for g in range(meta.num_row_groups))
+    return max(1, min(cfg.batch_size, cfg.batch_bytes * rows // max(text_bytes, 1)))
+
+
 def _cached_batches(
-    input_files: list[Path], files: list[Path], batch_size: int
+    input_files: list[Path], files: list[Path], cfg: BaseFilterConfig
 ) -> Iterator[tuple[int, pa.Table, pa.Table]]:
     for i, path in enumerate(input_files):
         signals = pq.read_table(files[i])
         offset = 0
-        for batch in iter_batches([path], batch_size=batch_size):
+        for batch in iter_batches([path], batch_size=batch_rows(path, cfg)):
             table = pa.Table.from_batches([batch])
             yield i, table, signals.slice(offset, table.num_rows)
             offset += table.num_rows
@@ -361,11 +415,13 @@ def _computed_batches(
 
     def items() -> Iterator[tuple[Any, ...]]:
         for i, path in enumerate(input_files):
-            for batch in iter_batches([path], batch_size=cfg.batch_size):
+            for batch in iter_batches([path], batch_size=batch_rows(path, cfg)):
                 table = pa.Table.from_batches([batch])
                 waiting.append(table)
                 cols = {c: batch.column(c) for c in inputs}
-                yield (i, batch.column("id"), batch.column("text"), families, cols)
+                sources = batch.column("source").to_pylist() if cfg.source_kinds else None
+                judged = cfg.judged_rows(cfg.kinds(batch.column("format"), sources))
+                yield (i, batch.column("id"), batch.column("text"), families, cols, judged)
 
     writers: dict[int, ParquetWriter] = {}
     # In process, batches go to threads: the language pass, Arrow's kernels and the compiled loops of the families
@@ -422,7 +478,7 @@ def select(
     kinds = cfg.kinds(formats, sources)
     is_code = kinds == "code"
     judged = {"prose": ~is_code, "code": is_code, "all": np.ones(n, bool)}
-    present = [k for k in ("web", "document", "code") if (kinds == k).any()]
+    present = [k for k in KINDS if (kinds == k).any()]
     for name in cfg.families():
         for kind in present:
             family = cfg.for_kind(name, kind)

@@ -142,7 +142,16 @@ def test_profiles_are_checked_and_are_selection_settings() -> None:
     custom = FilterConfig(source_kinds={"/data/crawl": "web"}, profiles={"web": {"c4": {"min_sentences": 3}}})
     assert list(custom.kinds(["markdown", "markdown"], ["file:///data/crawl/a.md", "file:///data/mine/b.md"])) == [
         "web", "document"]
-    assert custom.signal_key() == FilterConfig().signal_key()  # profiles never change the cached signals
+    # A profile's thresholds are selection settings: the cached signals stay ...
+    default = FilterConfig()
+    looser = {**default.profiles, "web": {"c4": {"min_sentences": 3}}}
+    assert FilterConfig(profiles=looser).signal_key() == default.signal_key()
+    # ... while what decides which documents a family computes its signals for is part of the key: a family
+    # switched on or off for a kind, and the settings that give documents their kind.
+    assert custom.signal_key() != default.signal_key()  # c4 now judges documents too (no document profile)
+    assert FilterConfig(source_kinds={"/data/crawl": "web"}).signal_key() != default.signal_key()
+    assert default.judged_kinds()["c4"] == ("web",) and default.judged_kinds()["code"] == ("code",)
+    assert default.judged_kinds()["safety"] == ("web", "document", "code")
     with pytest.raises(ValueError, match="not a rule family"):
         FilterConfig(profiles={"document": {"nonsense": {"enabled": False}}})
     with pytest.raises(ValueError, match="change how signals are computed"):

@@ -64,6 +64,11 @@ class Batch:
         """The lines of the simple texts, split once for every family with line rules."""
         return Lines.split(self.arr, self.simple)
 
+    def subset(self, idx: np.ndarray) -> Batch:
+        """The documents at `idx`, with their other columns, as a batch of their own."""
+        taken = pa.array(idx, pa.int64())
+        return Batch(self.arr.take(taken), {name: col.take(taken) for name, col in self._columns.items()})
+
     def column(self, name: str) -> list[Any] | None:
         """Another document column (one a family lists in `inputs`) as Python values; None when not given."""
         col = self._columns.get(name)
@@ -130,12 +135,15 @@ class RuleFamily(BaseModel):
             fails = col < limit
         else:
             fails = col > limit
-        shown: list[Any] = []  # the detail column as Python values, converted on the first failing row
+        values: list[Any] = []  # the signal column as Python values, converted on the first failing row
+        shown: list[Any] = []  # the detail column likewise
+        head, tail = f"{rule.column}=", f" {SIGN[rule.op]} {rule.limit}={limit}"
 
         def detail(i: int) -> str:
-            v = col[i]
-            value = f"{v:.4g}" if isinstance(v, float | np.floating) else str(v)
-            text = f"{rule.column}={value} {SIGN[rule.op]} {rule.limit}={limit}"
+            if not values:
+                values.extend(col.tolist())
+            v = values[i]
+            text = head + (f"{v:.4g}" if isinstance(v, float) else str(v)) + tail
             if rule.detail_column:
                 if not shown:
                     shown.extend(signals.column(rule.detail_column).to_pylist())
@@ -147,14 +155,38 @@ class RuleFamily(BaseModel):
 
 
 def compute_signals(
-    texts: pa.Array, families: Mapping[str, RuleFamily], columns: Mapping[str, pa.Array] | None = None
+    texts: pa.Array,
+    families: Mapping[str, RuleFamily],
+    columns: Mapping[str, pa.Array] | None = None,
+    judged: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Every signal column of `families` (enabled ones by name, in check order) for a batch of texts.
 
     Pure, so it runs in any worker. `columns` holds the other document columns families ask for in `inputs`.
+    `judged` holds, per family, a mask of the documents it judges (absent: all of them); its signals are
+    computed for those alone and are null elsewhere. Families with the same mask share one sub-batch.
     """
     batch = Batch(texts, columns)
+    subsets: dict[bytes, tuple[np.ndarray, Batch]] = {}
     out: dict[str, Any] = {}
-    for rules in families.values():
-        out.update(rules.signals(batch))
+    for name, rules in families.items():
+        mask = None if judged is None else judged.get(name)
+        if mask is None or mask.all():
+            out.update(rules.signals(batch))
+            continue
+        key = np.packbits(mask).tobytes()
+        if key not in subsets:
+            idx = np.flatnonzero(mask)
+            # With no document to judge, one is computed all the same: it gives the columns their types.
+            subsets[key] = idx, batch.subset(idx if len(idx) else np.arange(1))
+        idx, sub = subsets[key]
+        out.update({col: spread(values, idx, len(batch)) for col, values in rules.signals(sub).items()})
     return out
+
+
+def spread(values: Any, idx: np.ndarray, n: int) -> pa.Array:
+    """A column computed for documents `idx` of a batch of `n`, as `n` values with nulls elsewhere."""
+    arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+    pos = np.full(n, -1, np.int64)
+    pos[idx] = np.arange(len(idx))
+    return arr.take(pa.array(pos, mask=pos < 0))
