@@ -98,7 +98,9 @@ def test_a_new_family_is_one_module_and_one_line(tmp_path: Path, shouting) -> No
     for p in signal_files:
         assert pq.read_schema(p).names == ["id", "shout_caps_frac"]
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in signal_files) == len(DOCS)
-    assert json.loads((stage / "signals.key.json").read_text())["signals"] == {"shouting": {"min_letters": 2}}
+    key = json.loads((stage / "signals.key.json").read_text())["signals"]
+    assert key["families"] == {"shouting": {"min_letters": 2}}
+    assert key["judged"] == {"shouting": ["web", "document"]}  # a prose family: its signals skip code
 
     # (b) enabling the family recomputed the signals; the same config reuses them untouched, and so does a
     # threshold change, while a signal setting recomputes them

@@ -253,27 +253,8 @@ def ascii_table(chars: str) -> np.ndarray:
     return table
 
 
-_WORD_BYTE = ascii_table(string.ascii_letters + string.digits + "_")
 ASCII_LOWER = np.arange(256, dtype=np.uint8)
 ASCII_LOWER[65:91] += 32
-
-
-def ascii_words(texts: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """The lower-cased runs of [A-Za-z0-9_] of ASCII texts, flattened, and the text each belongs to.
-
-    On ASCII text these are the words of a split at `[^\\p{L}\\p{N}\\p{M}_]+` after lower-casing, and the
-    tokens of `\\w+`. Found with numpy over the bytes: a regular expression's split costs a match per word.
-    """
-    data, offsets = text_bytes(texts)
-    word = _WORD_BYTE[data]
-    boundary = np.zeros(len(data) + 1, bool)
-    boundary[offsets] = True  # a text's first byte, and the end of the last
-    prev_word = np.concatenate([[False], word[:-1]]) & ~boundary[:-1]
-    next_word = np.concatenate([word[1:], [False]]) & ~boundary[1:]
-    starts = np.flatnonzero(word & ~prev_word)
-    ends = np.flatnonzero(word & ~next_word) + 1
-    doc = np.searchsorted(offsets, starts, side="right") - 1
-    return byte_ranges(texts, starts, ends, ASCII_LOWER[data]), doc
 
 
 def per_doc(doc: np.ndarray, values: np.ndarray | None, n_docs: int) -> np.ndarray:
