@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_filter_fast_paths import CORPUS, OTHER, PLAIN, PUNCT, SPACE, WORDS
 
@@ -352,6 +352,7 @@ OTHER_SETTINGS = {
 
 @FAST
 @given(BATCHES, st.booleans())
+@example(["\n"], False)  # every line of the batch empty: no byte to read at any line's end
 def test_line_rules_are_their_per_document_definition(texts: list[str], other: bool) -> None:
     """The compiled passes over simple texts' lines (C4, FineWeb, Gopher) give the Python definition's values."""
     config = FilterConfig(**(OTHER_SETTINGS if other else {}))

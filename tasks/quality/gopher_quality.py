@@ -10,16 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import (
-    ASCII_LOWER,
-    TRIM,
-    ascii_table,
-    byte_counts,
-    byte_ranges,
-    per_doc,
-    ratio,
-    text_bytes,
-)
+from refinery.tasks.buffers import ASCII_LOWER, ascii_table, text_bytes
+from refinery.tasks.quality._text import TRIM, byte_counts, byte_ranges, per_doc, ratio
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
@@ -116,7 +108,9 @@ class GopherQualityRules(RuleFamily):
             view = batch.lines
             docs = view.docs[view.counts[view.docs] > 0]
             count = view.counts[docs]
-            data = np.append(text_bytes(view.text)[0], np.uint8(0))  # a byte to read where a line has none
+            # Bytes to read where a line has none (its `last` is 0, so `last - 2` is -2): every index stays valid
+            # even when no line of the batch has a byte; those lines are masked out by `has`.
+            data = np.append(text_bytes(view.text)[0], np.zeros(3, np.uint8))
             has, first, last = view.bounds  # each line's first and last byte other than space and tab
             bullet = has & ((data[first] == 45) | (data[first] == 42))
             dots = has & (last - 2 >= first) & (data[last] == 46) & (data[last - 1] == 46) & (data[last - 2] == 46)
