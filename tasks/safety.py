@@ -44,6 +44,7 @@ import itertools
 import json
 import math
 import re
+import string
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from refinery.tasks.buffers import ASCII_LOWER, ascii_table, fnv1a_64, same_bytes, text_bytes
 from refinery.tasks.decontaminate import split_words
 
 if TYPE_CHECKING:
@@ -106,7 +108,7 @@ def _split_words(texts: Sequence[str | None] | pa.Array, whitespace: Words | Non
     they are the runs of its whitespace words (no run crosses whitespace), found once per distinct whitespace
     word of the batch. `whitespace` is the batch's whitespace split when the caller has it.
     """
-    from refinery.tasks.quality._text import Words, text_bytes  # here: the quality package imports us
+    from refinery.tasks.quality._text import Words  # here: the quality package imports us
 
     arr = texts if isinstance(texts, pa.Array) else pa.array(list(texts), pa.large_string())
     arr = pc.fill_null(arr.cast(pa.large_string()), "")
@@ -122,7 +124,7 @@ def _split_words(texts: Sequence[str | None] | pa.Array, whitespace: Words | Non
         mixed = np.bincount(whitespace.doc, weights=~plain_vocab[whitespace.ids], minlength=n)
         plain = mixed == 0
     data, offsets = text_bytes(whitespace.vocab)
-    run_data, run_offsets, per_word, first_run = _vocab_runs(data, offsets, plain_vocab, _WORD_BYTE, _ASCII_LOWER)
+    run_data, run_offsets, per_word, first_run = _vocab_runs(data, offsets, plain_vocab, _WORD_BYTE, ASCII_LOWER)
     dictionary = pa.LargeStringArray.from_buffers(
         len(run_offsets) - 1, pa.py_buffer(run_offsets), pa.py_buffer(run_data)
     )
@@ -155,11 +157,8 @@ def _plain_word(word: str) -> bool:
     return all(c.isascii() and (c.isalnum() or c == "_") or _plain_char(c) for c in word)
 
 
-# The bytes of `\w` on ASCII text (letters, digits, underscore), and ASCII lower-casing, as lookup tables.
-_WORD_BYTE = np.zeros(256, np.bool_)
-_WORD_BYTE[list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")] = True
-_ASCII_LOWER = np.arange(256, dtype=np.uint8)
-_ASCII_LOWER[65:91] += 32
+# The bytes of `\w` on ASCII text (letters, digits, underscore), as a lookup table.
+_WORD_BYTE = ascii_table(string.ascii_letters + string.digits + "_")
 
 
 @numba.njit(cache=True, nogil=True)
@@ -234,30 +233,10 @@ def _expand_runs(offsets, ids, is_ascii, per_word, first_run):  # noqa: ANN001, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _fnv1a(data, a, b):  # noqa: ANN001, ANN202
-    """64-bit FNV-1a of data[a:b] (as `_text.fnv1a_64`, which this module cannot import at load time)."""
-    h = np.uint64(14695981039346656037)  # pragma: no cover (compiled)
-    for k in range(a, b):
-        h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
-    return h
-
-
-@numba.njit(cache=True, nogil=True)
 def _slot(h, mask):  # noqa: ANN001, ANN202
     """A hash's first slot in a table of `mask + 1` slots: FNV-1a's low bits mix only low bits, so the high
     half is folded in."""
     return np.int64((h ^ (h >> np.uint64(32))) & mask)  # pragma: no cover (compiled)
-
-
-@numba.njit(cache=True, nogil=True)
-def _same(x, a, b, y, c, d):  # noqa: ANN001, ANN202
-    """Whether x[a:b] and y[c:d] are the same bytes."""
-    if b - a != d - c:  # pragma: no cover (compiled)
-        return False
-    for k in range(b - a):
-        if x[a + k] != y[c + k]:
-            return False
-    return True
 
 
 @numba.njit(cache=True, nogil=True)
@@ -271,10 +250,12 @@ def _hash_slots(data, offsets):  # noqa: ANN001, ANN202
     slots = np.full(size, -1, np.int64)
     mask = np.uint64(size - 1)
     for i in range(n):
-        h = _slot(_fnv1a(data, offsets[i], offsets[i + 1]), mask)
+        h = _slot(fnv1a_64(data, offsets[i], offsets[i + 1]), mask)
         while slots[h] >= 0:
             s = slots[h]
-            if _same(data, offsets[s], offsets[s + 1], data, offsets[i], offsets[i + 1]):
+            if offsets[s + 1] - offsets[s] == offsets[i + 1] - offsets[i] and same_bytes(
+                data, offsets[s], offsets[s + 1], data, offsets[i]
+            ):
                 break
             h = (h + 1) & (size - 1)
         if slots[h] < 0:
@@ -284,10 +265,10 @@ def _hash_slots(data, offsets):  # noqa: ANN001, ANN202
 
 @numba.njit(cache=True, nogil=True)
 def _hash_strings(data, offsets):  # noqa: ANN001, ANN202
-    """`_fnv1a` of each string data[offsets[i]:offsets[i + 1]]."""
+    """`fnv1a_64` of each string data[offsets[i]:offsets[i + 1]]."""
     out = np.empty(len(offsets) - 1, np.uint64)  # pragma: no cover (compiled)
     for i in range(len(offsets) - 1):
-        out[i] = _fnv1a(data, offsets[i], offsets[i + 1])
+        out[i] = fnv1a_64(data, offsets[i], offsets[i + 1])
     return out
 
 
@@ -303,7 +284,7 @@ def _find_strings(slots, data, offsets, qdata, qoffsets, qhashes):  # noqa: ANN0
         h = _slot(qhashes[q], mask)
         while slots[h] >= 0:
             s = slots[h]
-            if _same(data, offsets[s], offsets[s + 1], qdata, a, b):
+            if offsets[s + 1] - offsets[s] == b - a and same_bytes(data, offsets[s], offsets[s + 1], qdata, a):
                 out[q] = s
                 break
             h = (h + 1) & (size - 1)
@@ -315,8 +296,6 @@ class StringSet:
     an Arrow `index_in` that hashes the whole set again on every call (the classifier's vocabulary is 15k terms)."""
 
     def __init__(self, values: Sequence[str] | pa.Array) -> None:
-        from refinery.tasks.quality._text import text_bytes  # here: the quality package imports this module
-
         arr = values if isinstance(values, pa.Array) else pa.array(list(values), pa.large_string())
         data, offsets = text_bytes(arr)
         self.data, self.offsets = np.array(data), np.array(offsets)  # owned copies, not views of Arrow buffers
@@ -342,8 +321,6 @@ class HashedStrings:
 
     @staticmethod
     def of(strings: pa.Array) -> HashedStrings:
-        from refinery.tasks.quality._text import text_bytes  # here: the quality package imports us
-
         data, offsets = text_bytes(strings)
         return HashedStrings(data, offsets, _hash_strings(data, offsets))
 
@@ -547,12 +524,10 @@ class _Matcher:
         a compiled search for the ASCII phrases (RE2's `\\s` is `[\\t\\n\\f\\r ]`, its case folding on ASCII
         text ASCII's), plus the engine for any phrase whose characters fold to ASCII ones; the engine on the
         others."""
-        from refinery.tasks.quality._text import text_bytes  # here: the quality package imports us
-
         if is_ascii is None:
             is_ascii = np.asarray(pc.string_is_ascii(arr).to_numpy(zero_copy_only=False), bool)
         data, offsets = text_bytes(arr)
-        found = _find_odd(data, offsets, is_ascii, self.odd_chunks, self.odd_chunk_offsets, self.odd_starts, _ASCII_LOWER)
+        found = _find_odd(data, offsets, is_ascii, self.odd_chunks, self.odd_chunk_offsets, self.odd_starts, ASCII_LOWER)
         rest = np.flatnonzero(~is_ascii)
         if len(rest):
             matched = pc.match_substring_regex(arr.take(pa.array(rest)), self.odd_filter, ignore_case=True)

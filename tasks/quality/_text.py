@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from refinery.tasks.buffers import ascii_table, same_bytes, text_bytes
+
 # Trimmed from both ends of a word before its length is measured or it is matched as a stop word.
 TRIM = string.punctuation + "“”‘’«»…—–·•"
 # Sentence-final punctuation; a line ending in `."` or `?)` ends a sentence, one ending in `('x')` does not.
@@ -203,15 +205,6 @@ def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def text_bytes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The UTF-8 bytes of a (large) string array as one numpy array, and the offsets of each text in it."""
-    texts = texts.cast(pa.large_string())
-    buffers = texts.buffers()
-    offsets = np.frombuffer(buffers[1], np.int64, count=len(texts) + 1, offset=texts.offset * 8)
-    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
-    return data[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
 def byte_counts(texts: pa.Array, marked: np.ndarray) -> np.ndarray:
     """Per text, how many of its bytes are marked in `marked` (a lookup table of 256 booleans)."""
     data, offsets = text_bytes(texts)
@@ -244,17 +237,6 @@ def byte_ranges(
     bounds[0::2], bounds[1::2] = starts, ends
     pieces = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(data))
     return pieces.take(pa.array(np.arange(0, len(bounds) - 1, 2)))
-
-
-def ascii_table(chars: str) -> np.ndarray:
-    """A 256-entry lookup table marking the bytes of `chars` (ASCII)."""
-    table = np.zeros(256, bool)
-    table[list(chars.encode("ascii"))] = True
-    return table
-
-
-ASCII_LOWER = np.arange(256, dtype=np.uint8)
-ASCII_LOWER[65:91] += 32
 
 
 def per_doc(doc: np.ndarray, values: np.ndarray | None, n_docs: int) -> np.ndarray:
@@ -339,24 +321,6 @@ def _solid_bounds(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np
         if b > a:
             has[i], first[i], last[i] = True, a, b - 1
     return has, first, last
-
-
-@numba.njit(cache=True, nogil=True)
-def same_bytes(x, a, b, y, c):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
-    """Whether x[a:b] equals y[c:c + b - a], byte for byte (the caller has checked that the lengths match)."""
-    for k in range(b - a):
-        if x[a + k] != y[c + k]:
-            return False
-    return True
-
-
-@numba.njit(cache=True, nogil=True)
-def fnv1a_64(data, a, b):  # noqa: ANN001, ANN201  # pragma: no cover (compiled)
-    """64-bit FNV-1a of data[a:b]: the key of the open-addressing tables that find repeated byte ranges."""
-    h = np.uint64(14695981039346656037)
-    for k in range(a, b):
-        h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
-    return h
 
 
 @numba.njit(cache=True, nogil=True)

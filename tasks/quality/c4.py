@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import Lines, ascii_table, per_doc, text_bytes
+from refinery.tasks.buffers import ascii_table, text_bytes
+from refinery.tasks.quality._text import Lines, per_doc
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 C4_END_PUNCT = (".", "?", "!", '"', "'")

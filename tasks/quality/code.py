@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import ascii_table, byte_counts, byte_ranges, per_doc, ratio, text_bytes
+from refinery.tasks.buffers import ascii_table, text_bytes
+from refinery.tasks.quality._text import byte_counts, byte_ranges, per_doc, ratio
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 _ALNUM = ascii_table("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")

@@ -10,17 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import (
-    CLOSERS,
-    TERMINAL_PUNCT,
-    ascii_table,
-    byte_counts,
-    find_duplicates,
-    fnv1a_64,
-    ratio,
-    same_bytes,
-    text_bytes,
-)
+from refinery.tasks.buffers import ascii_table, fnv1a_64, same_bytes, text_bytes
+from refinery.tasks.quality._text import CLOSERS, TERMINAL_PUNCT, byte_counts, find_duplicates, ratio
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 

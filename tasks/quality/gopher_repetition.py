@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import Field
 
-from refinery.tasks.quality._text import fnv1a_64, ratio, same_bytes, space_after, space_before, text_bytes
+from refinery.tasks.buffers import fnv1a_64, same_bytes, text_bytes
+from refinery.tasks.quality._text import ratio, space_after, space_before
 from refinery.tasks.quality.base import Batch, Rule, RuleFamily
 
 TOP_NGRAMS = (2, 3, 4)

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
-from refinery.tasks.quality._text import same_bytes
+from refinery.tasks.buffers import same_bytes
 
 FILE_MAGIC = 793712314
 LABEL = b"__label__"
