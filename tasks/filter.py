@@ -160,13 +160,16 @@ class BaseFilterConfig(BaseModel):
         computed for documents of those kinds only."""
         out: dict[str, tuple[str, ...]] = {}
         for name, family in self.families().items():
-            fits = {"prose": ("web", "document"), "code": ("code",), "all": KINDS}[family.applies_to]
-            out[name] = tuple(k for k in fits if self.for_kind(name, k) is not None)
+            out[name] = tuple(k for k in APPLIES_TO_KINDS[family.applies_to] if self.for_kind(name, k) is not None)
         return out
 
-    def judged_rows(self, kinds: np.ndarray) -> dict[str, np.ndarray]:
-        """Per family that does not judge every kind, which of the documents of `kinds` it judges."""
-        return {name: np.isin(kinds, judged) for name, judged in self.judged_kinds().items() if judged != KINDS}
+    def judged_rows(
+        self, kinds: np.ndarray, judged_kinds: Mapping[str, tuple[str, ...]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Per family that does not judge every kind, which of the documents of `kinds` it judges
+        (`judged_kinds` is `self.judged_kinds()`, when the caller has it)."""
+        judged_kinds = self.judged_kinds() if judged_kinds is None else judged_kinds
+        return {name: np.isin(kinds, judged) for name, judged in judged_kinds.items() if judged != KINDS}
 
     def signal_key(self) -> dict[str, Any]:
         """What the cached signals depend on besides the input: enabled families, their signal settings, and
@@ -184,6 +187,8 @@ class BaseFilterConfig(BaseModel):
 
 Kind = Literal["web", "document", "code"]
 KINDS: tuple[str, ...] = ("web", "document", "code")
+# The kinds of document a family's `applies_to` covers, before profiles switch it off for some.
+APPLIES_TO_KINDS: dict[str, tuple[str, ...]] = {"prose": ("web", "document"), "code": ("code",), "all": KINDS}
 # Formats a user brings rather than crawls: judged by the `document` profile.
 DOCUMENT_FORMATS = ("text", "markdown", "rst", "pdf", "docx", "pptx", "odt", "rtf", "epub", "image")
 # The `document` profile: C4's and FineWeb's rules were fitted to web crawls (five sentences, no curly
@@ -410,6 +415,7 @@ def _computed_batches(
     families = cfg.signal_families()
     inputs = sorted({c for rules in families.values() for c in rules.inputs} - {"id", "text"})
     files = [_signals_path(stage_dir, i) for i in range(len(input_files))]
+    judged_kinds = cfg.judged_kinds()
     waiting: deque[pa.Table] = deque()  # batches handed out whose signals have not come back yet
 
     def items() -> Iterator[tuple[Any, ...]]:
@@ -419,7 +425,7 @@ def _computed_batches(
                 waiting.append(table)
                 cols = {c: batch.column(c) for c in inputs}
                 sources = batch.column("source").to_pylist() if cfg.source_kinds else None
-                judged = cfg.judged_rows(cfg.kinds(batch.column("format"), sources))
+                judged = cfg.judged_rows(cfg.kinds(batch.column("format"), sources), judged_kinds)
                 yield (i, batch.column("id"), batch.column("text"), families, cols, judged)
 
     writers: dict[int, ParquetWriter] = {}
@@ -475,15 +481,14 @@ def select(
     detail = [""] * n
     undecided = np.ones(n, bool)
     kinds = cfg.kinds(formats, sources)
-    is_code = kinds == "code"
-    judged = {"prose": ~is_code, "code": is_code, "all": np.ones(n, bool)}
+    judged_kinds = cfg.judged_kinds()
     present = [k for k in KINDS if (kinds == k).any()]
     for name in cfg.families():
         for kind in present:
             family = cfg.for_kind(name, kind)
-            if family is None:
+            if kind not in judged_kinds[name] or family is None:
                 continue
-            applies = judged[family.applies_to] & (kinds == kind)
+            applies = kinds == kind
             for rule in family.rules:
                 limit = getattr(family, rule.limit)
                 if limit is None:  # a threshold set to null: the signal is kept as a flag, nothing is dropped
