@@ -15,8 +15,5 @@ COPY serving serving
 RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir . psycopg2-binary asyncpg boto3
 # Compile the filter's numba loops once, into the image's cache, so no container compiles them on its first run.
-RUN python -c "import pyarrow as pa; from refinery.tasks.filter import FilterConfig; \
-from refinery.tasks.quality import compute_signals; \
-compute_signals(pa.array(['Warm-up text. Ünïcode, too.', 'def f():\\n    return 1'], pa.large_string()), \
-FilterConfig().signal_families())"
+RUN python -c "from refinery.tasks.filter import compile_loops; compile_loops()"
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
