@@ -76,15 +76,34 @@ class PrecisionChoice:
         return f"precision auto: {self.precision} ({self.source}; one-block forward+backward: {times})"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one), for the cache key."""
+# CPU features that decide whether bf16 matmuls run natively or are emulated (x86 and Arm names). Two
+# machines can share a model name ("AMD EPYC" in many VMs) and differ here by an order of magnitude.
+BF16_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+                 "asimd", "bf16", "sve", "sve2", "sme")
+
+
+def _cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return ""
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for the cache key."""
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def cpu_features(cpuinfo: str | None = None) -> str:
+    """The CPU's features among `BF16_FEATURES` (x86 `flags`, Arm `Features`), for the cache key."""
+    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+        if line.startswith(("flags", "Features")):
+            present = set(line.split(":", 1)[1].split())
+            return "+".join(f for f in BF16_FEATURES if f in present) or "none"
+    return "unknown"
 
 
 def cache_file() -> Path | None:
@@ -96,9 +115,10 @@ def cache_file() -> Path | None:
 
 
 def cache_key(probe: PrecisionProbe, device: torch.device) -> str:
-    """Everything the answer depends on: the CPU, torch's version, its threads and the shapes."""
+    """Everything the answer depends on: the CPU and its features, torch's version, its threads and the shapes."""
     shapes = ",".join(f"{k}={v}" for k, v in asdict(probe).items())
-    return f"{device.type}|{cpu_model()}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shapes}"
+    cpu = f"{cpu_model()}|{cpu_features()}"
+    return f"{device.type}|{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shapes}"
 
 
 def _read_cache(path: Path) -> dict[str, dict]:

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from refinery.model import precision as precision_module
 from refinery.model.gpt import config_from_preset
 from refinery.model.precision import (
     CACHE_ENV,
     PrecisionProbe,
     cache_file,
+    cpu_features,
+    cpu_model,
     decide_precision,
     time_one_block,
 )
@@ -77,6 +80,26 @@ def test_the_choice_is_cached_per_machine_and_keyed_by_the_shapes(cache_home):
     wider = decide_precision("auto", CPU, probe(d_model=128), Timings(bf16=0.001, fp32=1.0))
     assert (wider.precision, wider.source) == ("bf16", "measured")
     assert len(json.loads(path.read_text())) == 2
+
+
+AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 sha_ni\n"
+ZEN4_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 avx512f avx512_bf16\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd crc32 bf16 sve\nCPU part\t: 0xd40\n"
+
+
+def test_cpus_with_one_model_name_and_other_bf16_features_are_cached_apart(cache_home, monkeypatch):
+    assert cpu_model(AVX2_EPYC) == cpu_model(ZEN4_EPYC) == "AMD EPYC"  # what many VMs report
+    assert (cpu_features(AVX2_EPYC), cpu_features(ZEN4_EPYC)) == ("avx2", "avx2+avx512f+avx512_bf16")
+    assert cpu_features(ARM) == "asimd+bf16+sve" and cpu_features("") == "unknown"
+
+    # A cache shared between the two (one image, one home folder): each machine measures its own answer.
+    monkeypatch.setattr(precision_module, "_cpuinfo", lambda: AVX2_EPYC)
+    assert decide_precision("auto", CPU, probe(), Timings(bf16=2.0, fp32=0.1)).precision == "fp32"
+    monkeypatch.setattr(precision_module, "_cpuinfo", lambda: ZEN4_EPYC)
+    on_zen4 = decide_precision("auto", CPU, probe(), Timings(bf16=0.03, fp32=0.04))
+    assert (on_zen4.precision, on_zen4.source) == ("bf16", "measured")
+    monkeypatch.setattr(precision_module, "_cpuinfo", lambda: AVX2_EPYC)
+    assert decide_precision("auto", CPU, probe(), Timings(bf16=0.001, fp32=1.0)).source == "cached"
 
 
 def test_the_cache_can_be_switched_off(cache_home, monkeypatch):
