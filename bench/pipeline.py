@@ -40,7 +40,12 @@ reached it on both sides; the table gives agreement and Cohen's kappa. Which mem
 survives is each system's own rule, so dedup disagreements include survivor choice; the planted pairs
 caught by each side are shown too.
 
-    python -m bench.pipeline [--mb 300] [--files 16] [--workers N] [--orchestrated] [--record]
+With `--defaults`, both run once more at their own defaults, in rows of their own: datatrove's
+`LocalPipelineExecutor` with one task per step (`tasks=1`, `workers=-1`; the bucket step keeps one task per
+bucket, which it requires) and its tokenizer's document shuffling on; Refinery with `execution.workers` at its
+default (the flow's own batches in one process) instead of the `--workers` processes.
+
+    python -m bench.pipeline [--mb 300] [--files 16] [--workers N] [--orchestrated] [--defaults] [--record]
 """
 
 from __future__ import annotations
@@ -275,19 +280,21 @@ def generate(corpus: Path, planted: Path, mb: float, files: int, seed: int) -> d
 # ---------------------------------------------------------------------------------------------- Refinery
 
 
-def run_refinery(corpus: Path, root: Path, workers: int) -> dict[str, Any]:
+def run_refinery(corpus: Path, root: Path, workers: int | None) -> dict[str, Any]:
     """The five stages at default settings, as the flow runs them (the stage graph), minus Prefect and MLflow.
 
-    With as many worker processes as datatrove gets (`execution.workers`; ingest has its own `ingest.workers`).
+    With as many worker processes as datatrove gets (`execution.workers`; ingest has its own `ingest.workers`),
+    or with `workers=None` at Refinery's own defaults.
     """
     from refinery.flows.config import PipelineConfig
     from refinery.flows.pipeline import local_executor
     from tests.stage_runner import run_stages
 
     cfg = PipelineConfig()
-    cfg.execution.workers = workers
-    cfg.ingest.workers = workers
-    executor, close = local_executor(workers)
+    if workers is not None:
+        cfg.execution.workers = workers
+        cfg.ingest.workers = workers
+    executor, close = local_executor(cfg.execution.workers)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -298,7 +305,8 @@ def run_refinery(corpus: Path, root: Path, workers: int) -> dict[str, Any]:
     finally:
         close()
     shards = outputs["shards"]
-    return {"seconds": time.perf_counter() - t0, "stages": seconds, "tokens": shards.train_tokens + shards.val_tokens}
+    return {"seconds": time.perf_counter() - t0, "stages": seconds, "tokens": shards.train_tokens + shards.val_tokens,
+            "workers": cfg.execution.workers, "ingest_workers": cfg.ingest.workers}
 
 
 def refinery_decisions(root: Path) -> tuple[dict[str, str | None], dict[str, Any]]:
@@ -393,8 +401,12 @@ def dedup_settings() -> tuple[int, int, int]:
     return cfg.shingle_size, bands, rows
 
 
-def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path, workers: int) -> dict[str, Any]:
-    """datatrove's FineWeb-style pipeline in five executor runs; returns wall times and tokens written."""
+def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path, workers: int, defaults: bool = False) -> dict[str, Any]:
+    """datatrove's FineWeb-style pipeline in five executor runs; returns wall times and tokens written.
+
+    With `defaults`, the executor and tokenizer at datatrove's defaults instead: one task per step (the bucket
+    step keeps its one task per bucket, which datatrove requires) with `workers=-1`, and the tokenizer's
+    document shuffling on."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig,
@@ -425,8 +437,10 @@ def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path, workers: int) 
     hashing = HashConfig(precision=64, hash_fc="sha1")
     cfg = MinhashConfig(n_grams=shingle, num_buckets=bands, hashes_per_bucket=rows, hash_config=hashing)
     filtered, sigs, buckets, remove = (str(work / d) for d in ("filtered", "signatures", "buckets", "remove"))
+    shuffle = {} if defaults else {"shuffle_documents": False}
     tokenizer = DocumentTokenizer(str(work / "tokens"), tokenizer_name_or_path=str(tokenizer_file), eos_token=EOT,
-                                  shuffle_documents=False)
+                                  **shuffle)
+    per_step = 1 if defaults else workers
     steps: dict[str, tuple[list[Any], int]] = {
         "read, filter, write": ([
             JsonlReader(str(corpus)),
@@ -436,22 +450,22 @@ def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path, workers: int) 
             C4QualityFilter(exclusion_writer=excluded("c4")),
             FineWebQualityFilter(exclusion_writer=excluded("fineweb")),
             JsonlWriter(filtered),
-        ], workers),
+        ], per_step),
         "minhash 1: signatures": ([JsonlReader(filtered), MinhashDedupSignature(output_folder=sigs, config=cfg)],
-                                  workers),
+                                  per_step),
         "minhash 2: buckets": ([MinhashDedupBuckets(input_folder=sigs, output_folder=buckets, config=cfg)], bands),
         "minhash 3: clusters": ([MinhashDedupCluster(input_folder=buckets, output_folder=remove, config=cfg)], 1),
         "minhash 4: filter, tokenize": ([
             JsonlReader(filtered),
             MinhashDedupFilter(input_folder=remove, exclusion_writer=excluded("dedup")),
             tokenizer,
-        ], workers),
+        ], per_step),
     }
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     for name, (pipeline, tasks) in steps.items():
         start = time.perf_counter()
-        LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks),
+        LocalPipelineExecutor(pipeline, tasks=tasks, workers=-1 if defaults else min(workers, tasks),
                               logging_dir=str(work / "logs" / str(len(seconds))), skip_completed=False).run()
         seconds[name] = time.perf_counter() - start
     elapsed = time.perf_counter() - t0
@@ -635,6 +649,9 @@ def main() -> None:
                     help="also time `refinery run` (Prefect and MLflow) on the same corpus, once")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the corpus and every output")
+    ap.add_argument("--defaults", action="store_true",
+                    help="also run both at their own defaults: datatrove's executor (one task per step) and "
+                         "tokenizer (shuffled), Refinery's execution.workers")
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = ap.parse_args()
     if args.mb <= 0 or args.files < 1 or args.workers < 1:
@@ -642,7 +659,8 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="refinery-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
-    ours = [work / d for d in ("corpus", "planted.jsonl", "refinery", "datatrove", "orchestrated")]
+    ours = [work / d for d in ("corpus", "planted.jsonl", "refinery", "datatrove", "orchestrated",
+                               "refinery-defaults", "datatrove-defaults")]
     for path in ours:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     try:
@@ -656,12 +674,20 @@ def main() -> None:
         dt = in_child(run_datatrove, work / "corpus", work / "datatrove", tokenizer_file, args.workers)
         print(f"datatrove: {dt['seconds']:,.1f} s", flush=True)
         orch = run_orchestrated(work / "corpus", work / "orchestrated") if args.orchestrated else None
+        at_defaults = None
+        if args.defaults:
+            ref_d = in_child(run_refinery, work / "corpus", work / "refinery-defaults", None)
+            print(f"refinery at its defaults: {ref_d['seconds']:,.1f} s", flush=True)
+            dt_d = in_child(run_datatrove, work / "corpus", work / "datatrove-defaults", tokenizer_file, args.workers,
+                            True)
+            print(f"datatrove at its defaults: {dt_d['seconds']:,.1f} s", flush=True)
+            at_defaults = ref_d, dt_d
         our_family, summary = refinery_decisions(work / "refinery")
         their_family = datatrove_decisions(work / "datatrove")
         ours_drops = collections.Counter(v for v in our_family.values() if v is not None)
         theirs_drops = collections.Counter(their_family.values())
         table = report(args, corpus, ref, dt, orch, summary, our_family, their_family, ours_drops, theirs_drops,
-                       work / "planted.jsonl")
+                       work / "planted.jsonl", at_defaults)
     finally:
         if not args.keep:
             for path in ours:
@@ -677,6 +703,7 @@ def report(
     args: argparse.Namespace, corpus: dict[str, Any], ref: dict[str, Any], dt: dict[str, Any],
     orch: dict[str, Any] | None, summary: dict[str, Any], our_family: dict[str, str | None],
     their_family: dict[str, str], ours_drops: collections.Counter, theirs_drops: collections.Counter, planted: Path,
+    at_defaults: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> str:
     n = corpus["docs"]
     others = sorted(set(ours_drops) - set(COMPARED))
@@ -708,6 +735,19 @@ def report(
         lines.append(f"| refinery, `refinery run` with Prefect and MLflow (process start to exit; {status}) | "
                      f"{orch['seconds']:,.1f} | {corpus['mb'] / orch['seconds']:,.2f} | {orch['tree_peak_mb']:,.0f} | "
                      f"{orch['largest_mb']:,.0f} | | | " + " | " * (len(COMPARED) + len(others)) + " |")
+    if at_defaults is not None:
+        ref_d, dt_d = at_defaults
+        blank = " | " * (len(COMPARED) + len(others))
+        lines += [
+            f"| refinery at its defaults (`execution.workers` {ref_d['workers']}, `ingest.workers` "
+            f"{ref_d['ingest_workers']}) | {ref_d['seconds']:,.1f} | {corpus['mb'] / ref_d['seconds']:,.2f} | "
+            f"{ref_d['tree_peak_mb']:,.0f} | {ref_d['largest_mb']:,.0f} | | |{blank} {ref_d['tokens']:,} |",
+            f"| datatrove at its defaults (one task per step, bucket step one per bucket, `workers=-1`, tokenizer "
+            f"shuffling) | {dt_d['seconds']:,.1f} | {corpus['mb'] / dt_d['seconds']:,.2f} | {dt_d['tree_peak_mb']:,.0f} | "
+            f"{dt_d['largest_mb']:,.0f} | | |{blank} {dt_d['tokens']:,} |",
+            f"| datatrove / refinery, both at their defaults | **{dt_d['seconds'] / ref_d['seconds']:.2f}x** | | "
+            f"{dt_d['tree_peak_mb'] / ref_d['tree_peak_mb']:.2f}x | | | |{blank} |",
+        ]
     goal = "met" if dt["seconds"] >= 10 * ref["seconds"] else "not met"
     lines += [
         "",
