@@ -16,8 +16,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 "$VENV/bin/python" -m pip install -q -e ".[${REFINERY_EXTRAS:-test}]"
-# The filter's compiled loops: compiled once here (about a minute on two cores, then cached beside the
-# sources), not on the first run; with the cache in place this takes a second or two.
+# The filter's compiled loops: compiled once here (tens of seconds, then cached beside the sources),
+# not on the first run; with the cache in place this takes a second or two.
 "$VENV/bin/python" -c 'from refinery.tasks.filter import compile_loops; print(f"filter loops compiled or loaded in {compile_loops():.1f} s")'
 # OCR for images and scanned PDFs: Tesseract and Poppler from the system packages where we may install them.
 if ! command -v tesseract >/dev/null 2>&1 || ! command -v pdftoppm >/dev/null 2>&1; then

@@ -361,8 +361,8 @@ WARM_UP_TEXTS = [
 def compile_loops() -> float:
     """Compile every compiled loop of the default families once, or load them from numba's cache.
 
-    Compiling takes up to a minute on two cores and numba caches the result beside the sources, so the
-    installer calls this (scripts/install.sh, the Dockerfile) rather than leaving it to a user's first
+    Compiling takes tens of seconds and numba caches the result beside the sources, so the installer
+    calls this (scripts/install.sh, the Dockerfile) rather than leaving it to a user's first
     run. Returns the seconds it took."""
     t0 = time.perf_counter()
     families = FilterConfig().signal_families()
