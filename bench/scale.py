@@ -181,7 +181,7 @@ def run_stage(name: str, work: Path, workers: int) -> dict[str, Any]:
         from refinery.tasks.filter import FilterConfig, run_filter
 
         inputs, stage, cfg, fn = document_files(work / "dedup"), work / "filter", FilterConfig(), run_filter
-    warm_seconds = warm_up(cfg) if name == "filter" else 0.0
+    warm_seconds = warm_up() if name == "filter" else 0.0
     executor: Executor | None = None
     if workers > 1:
         executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
@@ -199,19 +199,14 @@ def run_stage(name: str, work: Path, workers: int) -> dict[str, Any]:
             "warm_seconds": warm_seconds}
 
 
-def warm_up(cfg: Any) -> float:
+def warm_up() -> float:
     """Seconds to do once what the filter's first batch would: load each family's models and lists and its
-    compiled loops (from numba's cache, after numba's own start). Timed apart,
-    so the table shows the one-off start-up of a fresh process beside the work per document."""
-    import pyarrow as pa
+    compiled loops (from numba's cache, after numba's own start), through the installer's own warm-up
+    (`compile_loops`). Timed apart, so the table shows the one-off start-up of a fresh process beside the
+    work per document."""
+    from refinery.tasks.filter import compile_loops
 
-    from refinery.tasks.quality import compute_signals
-
-    t0 = time.perf_counter()
-    families = cfg.signal_families()
-    inputs = {c: pa.array(["{}"]) for rules in families.values() for c in rules.inputs}
-    compute_signals(pa.array(["A short text, to load every model and compiled loop once."]), families, inputs)
-    return time.perf_counter() - t0
+    return compile_loops()
 
 
 def _child(fn: Callable[..., dict[str, Any]], args: tuple, queue: Any) -> None:
